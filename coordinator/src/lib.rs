@@ -1,0 +1,12 @@
+//! meridian-coordinator: the only decider of the cluster (DESIGN §1, §4).
+//!
+//! This crate currently holds the pure decision logic, free of I/O and of clocks
+//! (time is passed in): the failure [`detector`], the failover [`planner`]
+//! (candidate choice and the resumable failover state machine) and the
+//! synchronous-replication settings in [`sync`]. The I/O shell (etcd election and
+//! records, QUIC sessions with the agents, the admin API) carries out what these
+//! modules decide.
+
+pub mod detector;
+pub mod planner;
+pub mod sync;

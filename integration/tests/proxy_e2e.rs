@@ -1,0 +1,536 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::err_expect)]
+//! End-to-end tests of meridian-pgproxy against a real PostgreSQL primary with
+//! a real streaming replica, through real clients (tokio-postgres, psql, pgbench).
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_integration::{eventually, PgCluster};
+use meridian_pgproxy::topology::Topology;
+use meridian_pgproxy::{run, Listeners};
+use meridian_shared::config::{AuthMethod, PoolMode, ProxyConfig, ReplicaConfig, UserConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_postgres::NoTls;
+
+/// A proxy running in-process on free ports; stopped on drop.
+struct Proxy {
+    port: u16,
+    admin_port: u16,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Proxy {
+    async fn start(mut cfg: ProxyConfig) -> Proxy {
+        let clients = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = clients.local_addr().unwrap().port();
+        let admin_port = admin.local_addr().unwrap().port();
+        cfg.listen = format!("127.0.0.1:{port}");
+        cfg.admin_listen = format!("127.0.0.1:{admin_port}");
+        cfg.shutdown_drain = Duration::from_secs(1);
+        let (_topo_tx, topo_rx) = watch::channel(Arc::new(Topology::from_config(&cfg)));
+        let (stop, stop_rx) = watch::channel(false);
+        let (_cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg));
+        tokio::spawn(async move {
+            let _keep = _topo_tx;
+            let _keep_cfg = _cfg_tx;
+            if let Err(e) = run(
+                cfg_rx,
+                Listeners {
+                    clients,
+                    admin: Some(admin),
+                },
+                topo_rx,
+                stop_rx,
+            )
+            .await
+            {
+                panic!("proxy failed: {e}");
+            }
+        });
+        Proxy {
+            port,
+            admin_port,
+            stop,
+        }
+    }
+
+    fn dsn(&self, user: &str, extra: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres {extra}",
+            self.port
+        )
+    }
+
+    async fn connect(
+        &self,
+        user: &str,
+        extra: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(&self.dsn(user, extra), NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+}
+
+fn trust_config(cluster: &PgCluster) -> ProxyConfig {
+    let mut cfg = ProxyConfig {
+        auth: AuthMethod::Trust,
+        ..Default::default()
+    };
+    cfg.backends.primary = Some(format!("127.0.0.1:{}", cluster.primary().port()));
+    cfg.backends.replicas = cluster
+        .replicas()
+        .iter()
+        .map(|r| ReplicaConfig {
+            addr: format!("127.0.0.1:{}", r.port()),
+            region: None,
+        })
+        .collect();
+    cfg
+}
+
+async fn is_replica(c: &tokio_postgres::Client, sql: &str) -> bool {
+    c.query_one(sql, &[]).await.unwrap().get::<_, bool>(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_replica_and_writes_to_the_primary() {
+    let cluster = PgCluster::builder().replicas(1).start().await.unwrap();
+    let proxy = Proxy::start(trust_config(&cluster)).await;
+    let c = proxy.connect("postgres", "").await.unwrap();
+
+    // A plain read runs on the replica.
+    assert!(is_replica(&c, "SELECT pg_is_in_recovery()").await);
+    let port: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port as u16, cluster.replicas()[0].port());
+
+    // Writes run on the primary.
+    c.batch_execute("CREATE TABLE rw (id int primary key, v text)")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO rw VALUES (1, 'a')", &[])
+        .await
+        .unwrap();
+    // A write-hinted read runs on the primary.
+    assert!(!is_replica(&c, "/* meridian:primary */ SELECT pg_is_in_recovery()").await);
+    // nextval writes: primary.
+    c.batch_execute("CREATE SEQUENCE s").await.unwrap();
+    let n: i64 = c
+        .query_one("SELECT nextval('s')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+
+    // A read-write transaction stays on the primary from BEGIN to COMMIT.
+    c.batch_execute("BEGIN").await.unwrap();
+    assert!(!is_replica(&c, "SELECT pg_is_in_recovery()").await);
+    c.execute("INSERT INTO rw VALUES (2, 'b')", &[])
+        .await
+        .unwrap();
+    let seen: i64 = c
+        .query_one("SELECT count(*) FROM rw", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, 2, "the transaction reads its own write");
+    c.batch_execute("COMMIT").await.unwrap();
+
+    // A read-only transaction runs on the replica as a whole.
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert!(is_replica(&c, "SELECT pg_is_in_recovery()").await);
+    c.batch_execute("COMMIT").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SET TRANSACTION READ ONLY").await.unwrap();
+    assert!(is_replica(&c, "SELECT pg_is_in_recovery()").await);
+    c.batch_execute("COMMIT").await.unwrap();
+
+    // The replica catches up and serves the committed rows.
+    eventually(
+        Duration::from_secs(10),
+        "replica sees both rows",
+        || async {
+            let n: i64 = c.query_one("SELECT count(*) FROM rw", &[]).await?.get(0);
+            anyhow::ensure!(n == 2, "replica has {n} rows");
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+
+    // The metrics endpoint counts both targets.
+    let body = http_get(proxy.admin_port, "/metrics").await;
+    assert!(body.contains("target=\"replica\""), "{body}");
+    assert!(body.contains("target=\"primary\""), "{body}");
+    assert!(http_get(proxy.admin_port, "/health").await.contains("ok"));
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_survive_backend_switching_in_transaction_mode() {
+    let cluster = PgCluster::builder().replicas(1).start().await.unwrap();
+    let mut cfg = trust_config(&cluster);
+    cfg.pool.mode = PoolMode::Transaction;
+    cfg.pool.max_size = 2;
+    let proxy = Proxy::start(cfg).await;
+    let setup = proxy.connect("postgres", "").await.unwrap();
+    setup
+        .batch_execute("CREATE TABLE kv (k int primary key, v int); INSERT INTO kv SELECT g, g * 10 FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "replica has kv", || async {
+        let n: i64 = setup
+            .query_one("SELECT count(*) FROM kv", &[])
+            .await?
+            .get(0);
+        anyhow::ensure!(n == 100);
+        Ok(())
+    })
+    .await
+    .unwrap();
+
+    // Several clients share two backend connections per pool; each keeps
+    // using its own prepared statements, which the proxy re-prepares on
+    // whichever backend runs them.
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let c = proxy.connect("postgres", "").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let read = c.prepare("SELECT v FROM kv WHERE k = $1").await.unwrap();
+            let write = c.prepare("UPDATE kv SET v = v WHERE k = $1").await.unwrap();
+            for round in 0..40i32 {
+                let k = (i * 40 + round) % 100 + 1;
+                let v: i32 = c.query_one(&read, &[&k]).await.unwrap().get(0);
+                assert_eq!(v, k * 10);
+                assert_eq!(c.execute(&write, &[&k]).await.unwrap(), 1);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Session state: a SET survives moving between backends in transaction mode.
+    let c = proxy.connect("postgres", "").await.unwrap();
+    c.batch_execute("SET application_name = 'meridian-test'")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        let name: String = c
+            .query_one("SHOW application_name", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(name, "meridian-test");
+        c.execute("UPDATE kv SET v = v WHERE k = 1", &[])
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_copy_and_backend_loss() {
+    let cluster = PgCluster::builder().replicas(1).start().await.unwrap();
+    let proxy = Proxy::start(trust_config(&cluster)).await;
+    let c = proxy.connect("postgres", "").await.unwrap();
+
+    // Cancel reaches the backend that runs the query.
+    let token = c.cancel_token();
+    let started = std::time::Instant::now();
+    let sleeper =
+        tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(30)").await.map(|_| c) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let err = sleeper
+        .await
+        .unwrap()
+        .err()
+        .expect("the query must be cancelled");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // COPY both ways.
+    let c = proxy.connect("postgres", "").await.unwrap();
+    c.batch_execute("CREATE TABLE cp (id int, name text)")
+        .await
+        .unwrap();
+    {
+        use futures::SinkExt;
+        let sink = c.copy_in("COPY cp FROM STDIN").await.unwrap();
+        futures::pin_mut!(sink);
+        let mut data = String::new();
+        for i in 0..1000 {
+            data.push_str(&format!("{i}\tname-{i}\n"));
+        }
+        sink.send(bytes::Bytes::from(data)).await.unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 1000);
+    }
+    {
+        use futures::StreamExt;
+        let stream = c
+            .copy_out("COPY (SELECT * FROM cp ORDER BY id) TO STDOUT")
+            .await
+            .unwrap();
+        futures::pin_mut!(stream);
+        let mut all = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            all.extend_from_slice(&chunk.unwrap());
+        }
+        let text = String::from_utf8(all).unwrap();
+        assert_eq!(text.lines().count(), 1000);
+        assert!(text.starts_with("0\tname-0\n"));
+    }
+
+    // The backend dies in the middle of a query: the client gets an error,
+    // and its next statement runs on a fresh backend.
+    let victim = proxy.connect("postgres", "").await.unwrap();
+    victim.batch_execute("SELECT 1").await.unwrap();
+    let direct = cluster.replicas()[0].client().await.unwrap();
+    let running = tokio::spawn(async move {
+        let r = victim.batch_execute("SELECT pg_sleep(20)").await;
+        (victim, r)
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the sleep is running on the replica",
+        || async {
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            anyhow::ensure!(n == 1, "{n} sessions");
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    direct
+        .batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)'")
+        .await
+        .unwrap();
+    let (victim, r) = running.await.unwrap();
+    let err = r.expect_err("the statement must fail");
+    let code = err.code().map(|c| c.code().to_owned()).unwrap_or_default();
+    assert!(
+        code.starts_with("08") || code == "57P01",
+        "unexpected error {err:?}"
+    );
+    let one: i32 = victim.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_md5_wrong_password_and_bad_input() {
+    let cluster = PgCluster::builder().replicas(0).start().await.unwrap();
+    let mut cfg = trust_config(&cluster);
+    cfg.auth = AuthMethod::ScramSha256;
+    cfg.users = vec![
+        UserConfig {
+            name: "app".into(),
+            password: Some("s3cret".into()),
+            scram_verifier: None,
+            auth: None,
+            backend_user: Some("postgres".into()),
+            backend_password: None,
+            pool_mode: None,
+            databases: vec![],
+        },
+        UserConfig {
+            name: "legacy".into(),
+            password: Some("old".into()),
+            scram_verifier: None,
+            auth: Some(AuthMethod::Md5),
+            backend_user: Some("postgres".into()),
+            backend_password: None,
+            pool_mode: None,
+            databases: vec![],
+        },
+    ];
+    cfg.max_clients = 3;
+    let proxy = Proxy::start(cfg).await;
+
+    let c = proxy.connect("app", "password=s3cret").await.unwrap();
+    assert_eq!(
+        c.query_one("SELECT 41 + 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        42
+    );
+    let md5 = proxy.connect("legacy", "password=old").await.unwrap();
+    md5.batch_execute("SELECT 1").await.unwrap();
+
+    let err = proxy
+        .connect("app", "password=wrong")
+        .await
+        .err()
+        .expect("wrong password refused");
+    assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
+    let err = proxy
+        .connect("nobody", "password=x")
+        .await
+        .err()
+        .expect("unknown user refused");
+    assert!(
+        err.code().is_some_and(|c| c.code().starts_with("28")),
+        "{err}"
+    );
+
+    // Too many clients: 53300.
+    let third = proxy.connect("app", "password=s3cret").await.unwrap();
+    let err = proxy
+        .connect("app", "password=s3cret")
+        .await
+        .err()
+        .expect("limit enforced");
+    assert_eq!(err.code().map(|c| c.code()), Some("53300"), "{err}");
+    drop(third);
+
+    // Garbage instead of a startup packet gets a protocol-violation error, not a hang.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    s.write_all(&[0, 0, 0, 12, 0, 9, 0, 0, 1, 2, 3, 4])
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.first(), Some(&b'E'));
+    assert!(String::from_utf8_lossy(&reply).contains("0A000"));
+
+    // Replication-mode startup is refused with a clear message.
+    let out = Command::new("psql")
+        .arg(format!(
+            "{} password=s3cret replication=database",
+            proxy.dsn("app", "")
+        ))
+        .args(["-c", "IDENTIFY_SYSTEM"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("replication"),
+        "{out:?}"
+    );
+}
+
+fn pgbench() -> String {
+    let dir = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|d| std::path::Path::new(d).join("pgbench").exists())
+        .unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into());
+    format!("{dir}/pgbench")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_in_all_protocol_modes_has_no_failures() {
+    let cluster = PgCluster::builder().replicas(1).start().await.unwrap();
+    let mut cfg = trust_config(&cluster);
+    cfg.pool.mode = PoolMode::Transaction;
+    let proxy = Proxy::start(cfg).await;
+    let init = Command::new(pgbench())
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &proxy.port.to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let direct = cluster.replicas()[0].client().await.unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "replica has pgbench tables",
+        || async {
+            let n: i64 = direct
+                .query_one("SELECT count(*) FROM pgbench_branches", &[])
+                .await?
+                .get(0);
+            anyhow::ensure!(n == 1);
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    for mode in ["simple", "extended", "prepared"] {
+        for select_only in [true, false] {
+            let mut cmd = Command::new(pgbench());
+            cmd.args(["-n", "-c", "4", "-j", "2", "-t", "100", "-M", mode])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &proxy.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "postgres",
+                ]);
+            if select_only {
+                cmd.arg("-S");
+            }
+            let out = cmd.output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "pgbench -M {mode} (select-only {select_only}) failed: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                stdout.contains("number of transactions actually processed: 400/400"),
+                "mode {mode}: {stdout}"
+            );
+            assert!(
+                stdout.contains("number of failed transactions: 0"),
+                "mode {mode}: {stdout}"
+            );
+        }
+    }
+}

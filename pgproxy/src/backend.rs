@@ -1,0 +1,464 @@
+//! One connection from the proxy to a PostgreSQL server.
+//!
+//! Connecting does the whole startup: optional TLS (libpq-like modes), the
+//! startup message, authentication (SCRAM-SHA-256 via postgres-protocol's
+//! client, md5, cleartext) and collection of `ParameterStatus`/`BackendKeyData`.
+//! After that the connection is a framed byte pipe: the session writes client
+//! frames into it and reads whole backend frames out of it without decoding
+//! rows. The connection also remembers what the pool needs to know about it:
+//! its transaction status, which prepared statements it holds, and whether it
+//! must be reset before another client may use it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::stream::MaybeTls;
+use crate::tls::BackendTls;
+use crate::wire::{self, Frame};
+
+/// Why a backend connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to {0}")]
+    Timeout(String),
+    #[error("backend i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("backend closed the connection")]
+    Closed,
+    #[error("TLS to backend: {0}")]
+    Tls(String),
+    #[error("backend authentication: {0}")]
+    Auth(String),
+    #[error("backend error {code}: {message}")]
+    Server { code: String, message: String },
+    #[error("backend protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl BackendError {
+    /// SQLSTATE reported to the client when this error ends its statement.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            BackendError::Server { code, .. } => code,
+            BackendError::Auth(_) => "28000",
+            _ => "08006",
+        }
+    }
+}
+
+/// What a backend connection is opened with.
+#[derive(Clone)]
+pub struct ConnectParams {
+    pub addr: Arc<str>,
+    pub user: String,
+    pub database: String,
+    pub password: Option<String>,
+    pub tls: Arc<BackendTls>,
+    pub connect_timeout: Duration,
+    pub max_message: usize,
+}
+
+/// What must happen to a connection before another client may use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reset {
+    None,
+    /// Session parameters were changed: `RESET ALL`.
+    Params,
+    /// Session state (temp tables, locks, listeners, cursors) may remain: `DISCARD ALL`.
+    Discard,
+}
+
+pub struct BackendConn {
+    stream: MaybeTls,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    pub addr: Arc<str>,
+    pub pid: i32,
+    pub secret: i32,
+    /// `ParameterStatus` values reported at startup.
+    pub params: Vec<(String, String)>,
+    /// Server-side names of the statements prepared on this connection.
+    pub prepared: HashSet<String>,
+    /// Hash of the statement held as the unnamed statement.
+    pub unnamed: Option<u64>,
+    /// Transaction status from the last `ReadyForQuery`.
+    pub tx_status: u8,
+    /// Set when the connection cannot be trusted any more (I/O error, protocol confusion).
+    pub broken: bool,
+    pub last_used: Instant,
+    pub reset: Reset,
+    /// Hash of the session parameters applied here (0: server defaults).
+    pub params_hash: u64,
+    max_message: usize,
+}
+
+impl BackendConn {
+    /// Opens, secures and authenticates a connection.
+    pub async fn connect(p: &ConnectParams) -> Result<BackendConn, BackendError> {
+        match tokio::time::timeout(p.connect_timeout, Self::connect_inner(p)).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::Timeout(p.addr.to_string())),
+        }
+    }
+
+    async fn connect_inner(p: &ConnectParams) -> Result<BackendConn, BackendError> {
+        let tcp = TcpStream::connect(&*p.addr)
+            .await
+            .map_err(|source| BackendError::Connect {
+                addr: p.addr.to_string(),
+                source,
+            })?;
+        tcp.set_nodelay(true)?;
+        let stream = Self::negotiate_tls(tcp, p).await?;
+        let mut conn = BackendConn {
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            wbuf: BytesMut::with_capacity(16 * 1024),
+            addr: p.addr.clone(),
+            pid: 0,
+            secret: 0,
+            params: Vec::new(),
+            prepared: HashSet::new(),
+            unnamed: None,
+            tx_status: b'I',
+            broken: false,
+            last_used: Instant::now(),
+            reset: Reset::None,
+            params_hash: 0,
+            max_message: p.max_message,
+        };
+        conn.startup(p).await?;
+        Ok(conn)
+    }
+
+    async fn negotiate_tls(
+        mut tcp: TcpStream,
+        p: &ConnectParams,
+    ) -> Result<MaybeTls, BackendError> {
+        let Some(connector) = p.tls.connector() else {
+            return Ok(MaybeTls::Plain(tcp));
+        };
+        let mut buf = BytesMut::new();
+        frontend::ssl_request(&mut buf);
+        tcp.write_all(&buf).await?;
+        let answer = tcp.read_u8().await?;
+        match answer {
+            b'S' => {
+                let host = p.addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&p.addr);
+                let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+                    .map_err(|e| BackendError::Tls(format!("invalid server name {host}: {e}")))?;
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| BackendError::Tls(e.to_string()))?;
+                Ok(MaybeTls::Client(Box::new(tls)))
+            }
+            b'N' if !p.tls.required() => Ok(MaybeTls::Plain(tcp)),
+            b'N' => Err(BackendError::Tls(format!(
+                "server {} does not support TLS, which backend_tls.mode requires",
+                p.addr
+            ))),
+            other => Err(BackendError::Protocol(format!(
+                "unexpected answer {other:#x} to SSLRequest"
+            ))),
+        }
+    }
+
+    async fn startup(&mut self, p: &ConnectParams) -> Result<(), BackendError> {
+        frontend::startup_message(
+            [
+                ("user", p.user.as_str()),
+                ("database", p.database.as_str()),
+                ("application_name", "meridian-pgproxy"),
+                ("client_encoding", "UTF8"),
+            ],
+            &mut self.wbuf,
+        )?;
+        self.flush().await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = self.read_startup_message().await?;
+            match msg {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    let pw = Self::password(p)?;
+                    frontend::password_message(pw.as_bytes(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let pw = Self::password(p)?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        p.user.as_bytes(),
+                        pw.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = fallible_next(&mut mechanisms)? {
+                        has_scram |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        return Err(BackendError::Auth(
+                            "server offers no supported SASL mechanism".into(),
+                        ));
+                    }
+                    let pw = Self::password(p)?;
+                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        s.message(),
+                        &mut self.wbuf,
+                    )?;
+                    self.flush().await?;
+                    scram = Some(s);
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| BackendError::Protocol("SASLContinue before SASL".into()))?;
+                    s.update(body.data())
+                        .map_err(|e| BackendError::Auth(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| BackendError::Protocol("SASLFinal before SASL".into()))?;
+                    s.finish(body.data())
+                        .map_err(|e| BackendError::Auth(format!("server signature: {e}")))?;
+                }
+                backend::Message::ParameterStatus(body) => {
+                    let name = body.name().map_err(BackendError::Io)?.to_owned();
+                    let value = body.value().map_err(BackendError::Io)?.to_owned();
+                    self.params.push((name, value));
+                }
+                backend::Message::BackendKeyData(body) => {
+                    self.pid = body.process_id();
+                    self.secret = body.secret_key();
+                }
+                backend::Message::NoticeResponse(_) => {}
+                backend::Message::ReadyForQuery(body) => {
+                    self.tx_status = body.status();
+                    return Ok(());
+                }
+                backend::Message::ErrorResponse(body) => {
+                    let mut fields = body.fields();
+                    let mut code = String::new();
+                    let mut message = String::new();
+                    while let Some(f) = fallible_next_field(&mut fields)? {
+                        match f.0 {
+                            b'C' => code = f.1,
+                            b'M' => message = f.1,
+                            _ => {}
+                        }
+                    }
+                    return Err(if code.starts_with("28") {
+                        BackendError::Auth(message)
+                    } else {
+                        BackendError::Server { code, message }
+                    });
+                }
+                _ => {
+                    return Err(BackendError::Protocol(
+                        "unexpected message during startup".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn password(p: &ConnectParams) -> Result<&str, BackendError> {
+        p.password.as_deref().ok_or_else(|| {
+            BackendError::Auth(format!(
+                "server asks a password for user `{}` and none is configured",
+                p.user
+            ))
+        })
+    }
+
+    async fn read_startup_message(&mut self) -> Result<backend::Message, BackendError> {
+        loop {
+            if let Some(m) = backend::Message::parse(&mut self.rbuf)? {
+                return Ok(m);
+            }
+            if self.rbuf.len() > self.max_message {
+                return Err(BackendError::Protocol("startup message too large".into()));
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(BackendError::Closed);
+            }
+        }
+    }
+
+    /// Reads one whole backend message. Cancel-safe: bytes read stay buffered.
+    pub async fn read_frame(&mut self) -> Result<Frame, BackendError> {
+        loop {
+            match wire::try_frame(&mut self.rbuf, self.max_message) {
+                Ok(Some(f)) => return Ok(f),
+                Ok(None) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Err(BackendError::Protocol(e.to_string()));
+                }
+            }
+            match self.stream.read_buf(&mut self.rbuf).await {
+                Ok(0) => {
+                    self.broken = true;
+                    return Err(BackendError::Closed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// True if a complete frame is already buffered (no read needed).
+    pub fn has_buffered_frame(&self) -> bool {
+        self.rbuf.len() >= 5 && {
+            let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]);
+            len >= 4 && self.rbuf.len() > len as usize
+        }
+    }
+
+    /// Queues raw message bytes; they are sent on the next [`flush`](Self::flush).
+    pub fn queue(&mut self, bytes: &[u8]) {
+        self.wbuf.extend_from_slice(bytes);
+    }
+
+    pub fn has_queued(&self) -> bool {
+        !self.wbuf.is_empty()
+    }
+
+    pub async fn flush(&mut self) -> Result<(), BackendError> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let r = self.stream.write_all(&self.wbuf).await;
+        self.wbuf.clear();
+        if let Err(e) = r {
+            self.broken = true;
+            return Err(e.into());
+        }
+        self.last_used = Instant::now();
+        Ok(())
+    }
+
+    /// Runs a simple query to completion and returns its rows as text (for the
+    /// proxy's own checks: health, catalog, epoch). Errors from the server are
+    /// returned as [`BackendError::Server`].
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, BackendError> {
+        self.queue(&wire::encode_query(sql).raw);
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                b'D' => rows.push(decode_text_row(&f)?),
+                b'E' => {
+                    let (_, code, message) = wire::error_fields(&f);
+                    error = Some(BackendError::Server { code, message });
+                }
+                b'Z' => {
+                    self.tx_status = wire::ready_status(&f);
+                    self.last_used = Instant::now();
+                    return match error {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    };
+                }
+                b'G' | b'H' | b'W' => {
+                    self.broken = true;
+                    return Err(BackendError::Protocol("COPY in an internal query".into()));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends `Terminate` and closes, ignoring errors (the connection is being dropped).
+    pub async fn terminate(mut self) {
+        let mut buf = BytesMut::new();
+        frontend::terminate(&mut buf);
+        let _ = self.stream.write_all(&buf).await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+fn decode_text_row(f: &Frame) -> Result<Vec<Option<String>>, BackendError> {
+    let body = f.body();
+    let bad = || BackendError::Protocol("malformed DataRow".into());
+    if body.len() < 2 {
+        return Err(bad());
+    }
+    let n = i16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut pos = 2;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len_bytes = body.get(pos..pos + 4).ok_or_else(bad)?;
+        let len = i32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
+        pos += 4;
+        if len < 0 {
+            out.push(None);
+        } else {
+            let v = body.get(pos..pos + len as usize).ok_or_else(bad)?;
+            out.push(Some(String::from_utf8_lossy(v).into_owned()));
+            pos += len as usize;
+        }
+    }
+    Ok(out)
+}
+
+fn fallible_next<I: fallible_iterator::FallibleIterator<Error = std::io::Error>>(
+    it: &mut I,
+) -> Result<Option<I::Item>, BackendError> {
+    it.next().map_err(BackendError::Io)
+}
+
+fn fallible_next_field(
+    it: &mut backend::ErrorFields<'_>,
+) -> Result<Option<(u8, String)>, BackendError> {
+    use fallible_iterator::FallibleIterator;
+    Ok(it.next().map_err(BackendError::Io)?.map(|f| {
+        (
+            f.type_(),
+            String::from_utf8_lossy(f.value_bytes()).into_owned(),
+        )
+    }))
+}
+
+/// Sends a `CancelRequest` for (pid, secret) to a backend address (plain TCP, as libpq does).
+pub async fn send_cancel(addr: &str, pid: i32, secret: i32) -> std::io::Result<()> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let mut buf = BytesMut::new();
+    frontend::cancel_request(pid, secret, &mut buf);
+    tcp.write_all(&buf).await?;
+    // The server closes the connection once it has processed the request.
+    let mut sink = [0u8; 1];
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
+    Ok(())
+}

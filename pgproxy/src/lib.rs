@@ -1,0 +1,168 @@
+//! meridian-pgproxy: a PostgreSQL wire-protocol proxy that applications use
+//! through an ordinary connection string. It authenticates clients, pools
+//! backend connections, sends reads to a replica and writes to the primary,
+//! and keeps session state correct while clients move between backends.
+//!
+//! The crate is a library with a thin `main`: [`run`] takes the listeners and
+//! a shutdown signal, so tests run the same proxy in-process.
+//!
+//! Module map, by phase of a connection: [`handshake`] (TLS, startup, cancel),
+//! [`auth`], [`route`] (pure decision), [`pool`]/[`backend`] (connect),
+//! [`session`] (relay and session state), [`cancel`], [`metrics`].
+
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod catalog;
+pub mod client;
+pub mod handshake;
+pub mod metrics;
+pub mod pool;
+pub mod route;
+pub mod session;
+pub mod stream;
+pub mod tls;
+pub mod topology;
+pub mod wire;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use meridian_shared::config::ProxyConfig;
+use meridian_sqlroute::{Classifier, FunctionCatalog};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::cancel::CancelRegistry;
+use crate::metrics::Metrics;
+use crate::pool::Pools;
+use crate::tls::BackendTls;
+use crate::topology::TopologyRx;
+
+/// Errors that stop the proxy from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] meridian_shared::config::ConfigError),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// State shared by every session of one proxy.
+pub struct Shared {
+    config: watch::Receiver<Arc<ProxyConfig>>,
+    pub pools: Arc<Pools>,
+    pub topology: TopologyRx,
+    pub classifier: Classifier,
+    catalog: RwLock<Arc<FunctionCatalog>>,
+    pub cancel: CancelRegistry,
+    pub metrics: Arc<Metrics>,
+    pub backend_tls: Arc<BackendTls>,
+    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    pub shutdown: watch::Receiver<bool>,
+    pub next_session: AtomicU64,
+    pub clients: AtomicUsize,
+}
+
+impl Shared {
+    /// The current configuration (replaced on reload).
+    pub fn config(&self) -> Arc<ProxyConfig> {
+        self.config.borrow().clone()
+    }
+
+    pub fn catalog(&self) -> Arc<FunctionCatalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_catalog(&self, c: FunctionCatalog) {
+        *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
+    }
+}
+
+/// The proxy's listeners, bound by the caller.
+pub struct Listeners {
+    pub clients: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+/// Runs the proxy until `shutdown` turns true, then drains: no new clients,
+/// running transactions get `shutdown_drain` to finish.
+///
+/// A new value in `config` (SIGHUP) applies to users, routing and pools created
+/// from then on; listeners and TLS keep their start-up settings.
+pub async fn run(
+    config: watch::Receiver<Arc<ProxyConfig>>,
+    listeners: Listeners,
+    topology: TopologyRx,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), StartError> {
+    let cfg = config.borrow().clone();
+    cfg.validate()?;
+    let backend_tls = BackendTls::from_config(&cfg.backend_tls)?;
+    let tls_acceptor = tls::acceptor(&cfg.tls)?;
+    let pools = Arc::new(Pools::default());
+    let metrics = Arc::new(Metrics::new());
+    let mut catalog = FunctionCatalog::with_builtin_defaults();
+    catalog.add_read_safe(cfg.routing.read_safe_functions.iter().cloned());
+    let shared = Arc::new(Shared {
+        classifier: Classifier::new(cfg.routing.parse_cache_size),
+        catalog: RwLock::new(Arc::new(catalog)),
+        config,
+        pools: pools.clone(),
+        topology,
+        cancel: CancelRegistry::default(),
+        metrics: metrics.clone(),
+        backend_tls,
+        tls_acceptor,
+        shutdown: shutdown.clone(),
+        next_session: AtomicU64::new(1),
+        clients: AtomicUsize::new(0),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(admin) = listeners.admin {
+        tasks.spawn(metrics::serve_admin(admin, metrics, pools));
+    }
+    tasks.spawn(catalog::refresh_loop(shared.clone()));
+    info!(listen = %listeners.clients.local_addr()?, "meridian-pgproxy accepting clients");
+
+    let mut sessions = tokio::task::JoinSet::new();
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            r = listeners.clients.accept() => match r {
+                Ok((tcp, peer)) => {
+                    sessions.spawn(handshake::serve(tcp, peer, shared.clone()));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = stop.changed() => {
+                if *stop.borrow() { break; }
+            }
+        }
+    }
+    drop(listeners.clients);
+    let drain = shared.config().shutdown_drain;
+    info!(
+        sessions = sessions.len(),
+        ?drain,
+        "shutting down: draining sessions"
+    );
+    let _ = tokio::time::timeout(drain, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    sessions.abort_all();
+    tasks.abort_all();
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! `meridian-pgproxy`: parse flags and config, init telemetry, bind, run.
+//! SIGTERM/SIGINT drain and stop; SIGHUP reloads the config file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use meridian_pgproxy::topology::Topology;
+use meridian_pgproxy::{run, Listeners};
+use meridian_shared::config::{self, AuthMethod, PoolMode, ProxyConfig, ReplicaConfig};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+/// Meridian's Postgres wire-protocol proxy: reads to replicas, writes to the primary.
+///
+/// Settings come from the config file, then environment variables, then flags
+/// (each later source overrides the earlier). Every flag below can also be set
+/// through the environment variable shown.
+#[derive(Parser, Debug)]
+#[command(name = "meridian-pgproxy", version)]
+struct Args {
+    /// TOML config file (see the README's configuration reference).
+    #[arg(long, env = "MERIDIAN_PGPROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Client listen address [default: 127.0.0.1:6432].
+    #[arg(long, env = "MERIDIAN_PGPROXY_LISTEN")]
+    listen: Option<String>,
+    /// Admin HTTP address for /health and /metrics [default: 127.0.0.1:9187; "" disables].
+    #[arg(long, env = "MERIDIAN_PGPROXY_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    /// Primary as host:port (static topology).
+    #[arg(long, env = "MERIDIAN_PGPROXY_PRIMARY")]
+    primary: Option<String>,
+    /// Replica as host:port; repeat for several (static topology).
+    #[arg(long, env = "MERIDIAN_PGPROXY_REPLICAS", value_delimiter = ',')]
+    replica: Vec<String>,
+    /// This proxy's region (replicas of the same region are preferred) [default: ""].
+    #[arg(long, env = "MERIDIAN_PGPROXY_REGION")]
+    region: Option<String>,
+    /// Default client auth: scram-sha-256, md5 or trust [default: scram-sha-256].
+    /// `trust` lets any user in and logs in to backends under the same name (development only).
+    #[arg(long, env = "MERIDIAN_PGPROXY_AUTH")]
+    auth: Option<AuthMethod>,
+    /// Pooling mode: session or transaction [default: session].
+    #[arg(long, env = "MERIDIAN_PGPROXY_POOL_MODE")]
+    pool_mode: Option<PoolMode>,
+    /// Maximum backend connections per (backend, database, user) pool [default: 50].
+    #[arg(long, env = "MERIDIAN_PGPROXY_POOL_SIZE")]
+    pool_size: Option<u32>,
+    /// Maximum client connections [default: 1000].
+    #[arg(long, env = "MERIDIAN_PGPROXY_MAX_CLIENTS")]
+    max_clients: Option<usize>,
+    /// PEM certificate offered to clients (enables TLS) [default: none].
+    #[arg(long, env = "MERIDIAN_PGPROXY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert [default: none].
+    #[arg(long, env = "MERIDIAN_PGPROXY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+impl Args {
+    /// file < env < flags (clap merges env and flags; both override the file).
+    fn effective(&self) -> anyhow::Result<ProxyConfig> {
+        let mut cfg: ProxyConfig = match &self.config {
+            Some(path) => config::load_toml(path)?,
+            None => ProxyConfig::default(),
+        };
+        if let Some(v) = &self.listen {
+            cfg.listen = v.clone();
+        }
+        if let Some(v) = &self.admin_listen {
+            cfg.admin_listen = v.clone();
+        }
+        if let Some(v) = &self.primary {
+            cfg.backends.primary = Some(v.clone());
+        }
+        if !self.replica.is_empty() {
+            cfg.backends.replicas = self
+                .replica
+                .iter()
+                .map(|a| ReplicaConfig {
+                    addr: a.clone(),
+                    region: None,
+                })
+                .collect();
+        }
+        if let Some(v) = &self.region {
+            cfg.region = v.clone();
+        }
+        if let Some(v) = self.auth {
+            cfg.auth = v;
+        }
+        if let Some(v) = self.pool_mode {
+            cfg.pool.mode = v;
+        }
+        if let Some(v) = self.pool_size {
+            cfg.pool.max_size = v;
+        }
+        if let Some(v) = self.max_clients {
+            cfg.max_clients = v;
+        }
+        if let Some(v) = &self.tls_cert {
+            cfg.tls.cert = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_key {
+            cfg.tls.key = Some(v.clone());
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    meridian_shared::telemetry::init();
+    let args = Args::parse();
+    let cfg = args.effective()?;
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    if cfg.backends.primary.is_none() {
+        anyhow::bail!("no primary configured: pass --primary HOST:PORT or set backends.primary in the config file");
+    }
+    let clients = TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("binding listen address {}", cfg.listen))?;
+    let admin = if cfg.admin_listen.is_empty() {
+        None
+    } else {
+        Some(
+            TcpListener::bind(&cfg.admin_listen)
+                .await
+                .with_context(|| format!("binding admin_listen address {}", cfg.admin_listen))?,
+        )
+    };
+    let (topo_tx, topo_rx) = watch::channel(Arc::new(Topology::from_config(&cfg)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (reload_tx, mut reload_rx) = watch::channel(0u64);
+
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return;
+        };
+        let mut n = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => { n += 1; let _ = reload_tx.send(n); }
+            }
+        }
+        let _ = stop_tx.send(true);
+    });
+
+    let (config_tx, config_rx) = watch::channel(Arc::new(cfg));
+    let proxy = run(config_rx, Listeners { clients, admin }, topo_rx, stop_rx);
+    tokio::pin!(proxy);
+    loop {
+        tokio::select! {
+            r = &mut proxy => return r.map_err(Into::into),
+            _ = reload_rx.changed() => {
+                match args.effective() {
+                    Ok(new) => {
+                        tracing::info!("SIGHUP: configuration reloaded");
+                        let _ = topo_tx.send(Arc::new(Topology::from_config(&new)));
+                        let _ = config_tx.send(Arc::new(new));
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Prometheus metrics of the proxy and the admin HTTP server (`/health`, `/metrics`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::pool::Pools;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabel {
+    pub target: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub backend: String,
+    pub database: String,
+    pub user: String,
+    pub state: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub clients: Gauge,
+    pub queries: Family<TargetLabel, Counter>,
+    pub parse_fallbacks: Counter,
+    pub errors: Family<ClassLabel, Counter>,
+    pub latency: Histogram,
+    pub backend_connections: Family<PoolLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("meridian_pgproxy");
+        let clients = Gauge::default();
+        registry.register("clients", "Connected clients", clients.clone());
+        let queries = Family::<TargetLabel, Counter>::default();
+        registry.register(
+            "queries_routed",
+            "Statements routed, by target",
+            queries.clone(),
+        );
+        let parse_fallbacks = Counter::default();
+        registry.register(
+            "parse_fallbacks",
+            "Statements the SQL parser could not parse (sent to the primary)",
+            parse_fallbacks.clone(),
+        );
+        let errors = Family::<ClassLabel, Counter>::default();
+        registry.register(
+            "errors",
+            "Errors sent to clients, by SQLSTATE class",
+            errors.clone(),
+        );
+        let latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "query_duration_seconds",
+            "Time from a query's arrival to its ReadyForQuery",
+            latency.clone(),
+        );
+        let backend_connections = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "backend_connections",
+            "Backend connections per pool and state",
+            backend_connections.clone(),
+        );
+        Metrics {
+            registry,
+            clients,
+            queries,
+            parse_fallbacks,
+            errors,
+            latency,
+            backend_connections,
+        }
+    }
+
+    pub fn error(&self, sqlstate: &str) {
+        let class = sqlstate.get(..2).unwrap_or("XX").to_owned();
+        self.errors.get_or_create(&ClassLabel { class }).inc();
+    }
+
+    /// Renders the exposition text, refreshing pool gauges first.
+    pub fn render(&self, pools: &Pools) -> String {
+        for (key, total, idle) in pools.stats() {
+            for (state, n) in [("active", total.saturating_sub(idle)), ("idle", idle)] {
+                self.backend_connections
+                    .get_or_create(&PoolLabels {
+                        backend: key.addr.to_string(),
+                        database: key.database.clone(),
+                        user: key.user.clone(),
+                        state,
+                    })
+                    .set(n as i64);
+            }
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `/health` and `/metrics` until the listener task is dropped.
+pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, pools: Arc<Pools>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        let pools = pools.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                let pools = pools.clone();
+                async move {
+                    let (status, ctype, body) = match req.uri().path() {
+                        "/health" => (200, "application/json", "{\"status\":\"ok\"}\n".to_owned()),
+                        "/metrics" => (
+                            200,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            metrics.render(&pools),
+                        ),
+                        _ => (404, "text/plain", "not found\n".to_owned()),
+                    };
+                    let resp = Response::builder()
+                        .status(status)
+                        .header("content-type", ctype)
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap_or_default();
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}

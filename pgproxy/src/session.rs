@@ -1,0 +1,1326 @@
+//! One client session after authentication: routing, backend acquisition,
+//! the relay of messages in both directions, and the session state that must
+//! survive moving between backends.
+//!
+//! The relay is full duplex: the session waits at the same time on the client
+//! and on the backends it holds, so asynchronous backend messages (notices,
+//! notifications) pass through and a dead idle backend is noticed and dropped
+//! before the next statement needs it. Every message sent to a backend pushes
+//! what it will answer onto the `pending` queue; backend messages are matched
+//! against it, which lets the session answer some messages itself (a `Parse`
+//! of a statement the backend already holds), swallow the answers to messages
+//! it injected (re-preparing a statement, replaying `SET`s), and know exactly
+//! when a backend is idle and may go back to the pool.
+//!
+//! Limits: a client that pipelines statements for different backends is
+//! served in order, one backend at a time (the session stops reading the
+//! client until the first backend has answered).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+use meridian_shared::config::PoolMode;
+use meridian_sqlroute::{Analysis, PinReason, StatementKind, TxEffect};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
+
+use crate::backend::{BackendConn, BackendError, ConnectParams, Reset};
+use crate::cancel::{BackendKey, CancelSlot};
+use crate::client::{ClientConn, ClientError};
+use crate::metrics::TargetLabel;
+use crate::pool::{PoolError, Pooled};
+use crate::route::{self, SessionView, Which};
+use crate::wire::{self, Frame};
+use crate::Shared;
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// A statement prepared by the client (named or unnamed).
+#[derive(Debug)]
+struct Stmt {
+    query: String,
+    param_types: Vec<u8>,
+    hash: u64,
+    /// Name on the backends: shared by every client preparing the same text and types.
+    server_name: String,
+    analysis: Arc<Analysis>,
+}
+
+/// What a message sent to the backend will be answered with.
+#[derive(Debug)]
+enum Pending {
+    /// A simple query (or function call); ends with ReadyForQuery.
+    Query {
+        swallow: bool,
+        analysis: Option<Arc<Analysis>>,
+        failed: bool,
+    },
+    Parse {
+        swallow: bool,
+        server_name: Option<String>,
+        client_name: Option<String>,
+    },
+    Bind,
+    Describe,
+    Execute {
+        analysis: Option<Arc<Analysis>>,
+    },
+    Close,
+    Sync,
+    /// Answered by the proxy itself when it reaches the head of the queue.
+    Synthetic(Frame),
+}
+
+/// Session-level parameters to replay on every backend the session uses.
+#[derive(Debug, Default)]
+struct Params {
+    list: Vec<(String, String)>,
+    hash: u64,
+}
+
+impl Params {
+    fn set(&mut self, name: &str, value: &str) {
+        let name = name.to_ascii_lowercase();
+        match self.list.iter_mut().find(|(n, _)| *n == name) {
+            Some(e) => e.1 = value.to_owned(),
+            None => self.list.push((name, value.to_owned())),
+        }
+        self.rehash();
+    }
+    fn reset(&mut self, name: &str) {
+        let name = name.to_ascii_lowercase();
+        self.list.retain(|(n, _)| *n != name);
+        self.rehash();
+    }
+    fn reset_all(&mut self) {
+        self.list.clear();
+        self.rehash();
+    }
+    fn rehash(&mut self) {
+        self.hash = if self.list.is_empty() {
+            0
+        } else {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.list.hash(&mut h);
+            h.finish() | 1
+        };
+    }
+    /// SQL that brings a backend from `conn_hash` to these parameters, if anything is needed.
+    fn prelude(&self, conn: &mut BackendConn) -> Option<String> {
+        let mut sql = String::new();
+        if conn.reset == Reset::Discard {
+            sql.push_str("DISCARD ALL;");
+            conn.prepared.clear();
+            conn.unnamed = None;
+            conn.params_hash = 0;
+            conn.reset = Reset::None;
+        }
+        if conn.params_hash != self.hash {
+            if conn.params_hash != 0 {
+                sql.push_str("RESET ALL;");
+            }
+            for (name, value) in &self.list {
+                sql.push_str("SET ");
+                sql.push_str(name);
+                sql.push_str(" = ");
+                sql.push_str(value);
+                sql.push(';');
+            }
+            conn.params_hash = self.hash;
+        }
+        (!sql.is_empty()).then_some(sql)
+    }
+}
+
+enum Event {
+    Client(Result<Frame, ClientError>),
+    Backend(Which, Result<Frame, BackendError>),
+    Shutdown,
+}
+
+/// Identity of an authenticated session.
+pub struct Login {
+    pub user: String,
+    pub database: String,
+    pub backend_user: String,
+    pub backend_password: Option<String>,
+    pub mode: PoolMode,
+    /// Startup parameters to replay on backends (`SET name = 'value'`).
+    pub startup_params: Vec<(String, String)>,
+    pub cancel_slot: CancelSlot,
+}
+
+pub struct Session<S> {
+    shared: Arc<Shared>,
+    client: ClientConn<S>,
+    login: Login,
+    salt: u64,
+    primary: Option<Pooled>,
+    replica: Option<Pooled>,
+    active: Option<Which>,
+    pending: VecDeque<Pending>,
+    /// Client-visible transaction status.
+    tx_status: u8,
+    tx_backend: Option<Which>,
+    /// The transaction's backend was lost: answer with 25P02 until it ends.
+    tx_lost: bool,
+    /// A `BEGIN` not yet sent: the next statement decides where the transaction runs.
+    lazy_begin: Option<(String, bool)>,
+    batch: Option<Which>,
+    /// After losing a backend mid-batch: ignore extended messages until Sync.
+    skip_until_sync: bool,
+    statements: HashMap<String, Arc<Stmt>>,
+    unnamed: Option<Arc<Stmt>>,
+    last_bound: Option<Arc<Stmt>>,
+    params: Params,
+    pinned: Option<PinReason>,
+    read_only_session: bool,
+    copy_in: bool,
+    stalled: Option<Frame>,
+    query_start: Option<Instant>,
+    cancel_target: Option<(Which, i32)>,
+}
+
+fn stmt_hash(query: &str, types: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut h);
+    types.hash(&mut h);
+    h.finish()
+}
+
+fn quote_literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub fn new(shared: Arc<Shared>, client: ClientConn<S>, login: Login, salt: u64) -> Self {
+        let mut params = Params::default();
+        for (k, v) in &login.startup_params {
+            params.set(k, &quote_literal(v));
+        }
+        Session {
+            shared,
+            client,
+            login,
+            salt,
+            primary: None,
+            replica: None,
+            active: None,
+            pending: VecDeque::new(),
+            tx_status: b'I',
+            tx_backend: None,
+            tx_lost: false,
+            lazy_begin: None,
+            batch: None,
+            skip_until_sync: false,
+            statements: HashMap::new(),
+            unnamed: None,
+            last_bound: None,
+            params,
+            pinned: None,
+            read_only_session: false,
+            copy_in: false,
+            stalled: None,
+            query_start: None,
+            cancel_target: None,
+        }
+    }
+
+    /// Acquires the first backend to learn the server's parameters for the
+    /// client's startup reply; also proves the database exists.
+    pub async fn server_params(&mut self) -> Result<Vec<(String, String)>, PoolError> {
+        let which = if self.replica_available() {
+            Which::Replica
+        } else {
+            Which::Primary
+        };
+        let conn = match self.acquire(which).await {
+            Ok(c) => c,
+            Err(e) if which == Which::Replica => {
+                debug!(error = %e, "replica unavailable at login, using the primary");
+                self.acquire(Which::Primary).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let params = conn.params.clone();
+        if self.login.mode == PoolMode::Transaction {
+            self.release_all();
+        }
+        Ok(params)
+    }
+
+    /// Ends the connection with a FATAL error (login failures).
+    pub async fn fatal(&mut self, code: &str, message: &str) {
+        self.client.fatal(code, message).await;
+    }
+
+    /// The reply to a successful login: server parameters (overridden by what
+    /// the client asked for), the proxy's own cancel key, ReadyForQuery.
+    pub fn send_startup_reply(
+        &mut self,
+        server: &[(String, String)],
+        asked: &[(String, String)],
+        pid: i32,
+        secret: i32,
+    ) {
+        for (name, value) in server {
+            let value = asked
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+                .unwrap_or(value);
+            self.client.send(&wire::parameter_status(name, value));
+        }
+        self.client.send(&wire::backend_key_data(pid, secret));
+        self.client.send(&wire::ready_for_query(b'I'));
+    }
+
+    pub async fn flush_client(&mut self) -> Result<(), ClientError> {
+        self.client.flush().await
+    }
+
+    fn replica_available(&self) -> bool {
+        self.shared.config().routing.replica_reads
+            && !self.shared.topology.borrow().replicas.is_empty()
+    }
+
+    fn conn(&mut self, w: Which) -> Option<&mut Pooled> {
+        match w {
+            Which::Primary => self.primary.as_mut(),
+            Which::Replica => self.replica.as_mut(),
+        }
+    }
+
+    fn slot(&mut self, w: Which) -> &mut Option<Pooled> {
+        match w {
+            Which::Primary => &mut self.primary,
+            Which::Replica => &mut self.replica,
+        }
+    }
+
+    fn connect_params(&self, addr: Arc<str>) -> ConnectParams {
+        let cfg = self.shared.config();
+        ConnectParams {
+            addr,
+            user: self.login.backend_user.clone(),
+            database: self.login.database.clone(),
+            password: self.login.backend_password.clone(),
+            tls: self.shared.backend_tls.clone(),
+            connect_timeout: cfg.pool.connect_timeout,
+            max_message: cfg.max_message_size,
+        }
+    }
+
+    /// Makes sure the session holds a backend of kind `w`.
+    async fn acquire(&mut self, w: Which) -> Result<&mut Pooled, PoolError> {
+        if self.slot(w).is_none() {
+            let addr = {
+                let topo = self.shared.topology.borrow();
+                match w {
+                    Which::Primary => topo.primary.clone(),
+                    Which::Replica => topo
+                        .pick_replica(&self.shared.config().region, self.salt)
+                        .map(|b| b.addr.clone()),
+                }
+            };
+            let Some(addr) = addr else {
+                return Err(PoolError::ConnectFailed {
+                    addr: Arc::from("(none)"),
+                    message: Arc::from(match w {
+                        Which::Primary => "no primary is known",
+                        Which::Replica => "no replica is known",
+                    }),
+                });
+            };
+            let params = self.connect_params(addr);
+            let pool_cfg = self.shared.config().pool.clone();
+            let conn = self.shared.pools.get(&params, &pool_cfg).await?;
+            *self.slot(w) = Some(conn);
+        }
+        let params = &self.params;
+        let conn = match w {
+            Which::Primary => self.primary.as_mut(),
+            Which::Replica => self.replica.as_mut(),
+        };
+        let Some(conn) = conn else {
+            return Err(PoolError::Timeout(Arc::from("backend")));
+        };
+        if let Some(sql) = params.prelude(conn) {
+            conn.queue(&wire::encode_query(&sql).raw);
+            self.pending.push_back(Pending::Query {
+                swallow: true,
+                analysis: None,
+                failed: false,
+            });
+            self.active = Some(w);
+        }
+        match w {
+            Which::Primary => self.primary.as_mut(),
+            Which::Replica => self.replica.as_mut(),
+        }
+        .ok_or_else(|| PoolError::Timeout(Arc::from("backend")))
+    }
+
+    /// Returns held backends to their pools (transaction mode, or session end).
+    fn release_all(&mut self) {
+        for w in [Which::Primary, Which::Replica] {
+            if let Some(mut c) = self.slot(w).take() {
+                if self.pinned.is_some() {
+                    c.reset = Reset::Discard;
+                }
+                drop(c);
+            }
+        }
+        self.active = None;
+    }
+
+    fn held(&self) -> Option<Which> {
+        if self.primary.is_some() {
+            Some(Which::Primary)
+        } else if self.replica.is_some() {
+            Some(Which::Replica)
+        } else {
+            None
+        }
+    }
+
+    fn decide(&self, analysis: &Analysis) -> Which {
+        let catalog = self.shared.catalog();
+        let view = SessionView {
+            in_tx: self.tx_backend,
+            pinned: self.pinned.is_some(),
+            read_only_session: self.read_only_session,
+            replica_available: self.replica_available(),
+            held: self.held(),
+        };
+        let (w, reason) = route::route(analysis, &catalog, view);
+        if reason == route::Reason::ParseFailed {
+            self.shared.metrics.parse_fallbacks.inc();
+        }
+        w
+    }
+
+    /// Runs the session until the client leaves.
+    pub async fn run(mut self) -> Result<(), SessionError> {
+        let mut shutdown = self.shared.shutdown.clone();
+        let result = self.relay(&mut shutdown).await;
+        self.finish().await;
+        result
+    }
+
+    async fn finish(&mut self) {
+        // A backend in the middle of something cannot be reused.
+        if !self.pending.is_empty() || self.copy_in {
+            for w in [Which::Primary, Which::Replica] {
+                if let Some(c) = self.conn(w) {
+                    c.broken = true;
+                }
+            }
+        }
+        if let Ok(mut slot) = self.login.cancel_slot.lock() {
+            *slot = None;
+        }
+        self.release_all();
+    }
+
+    async fn relay(
+        &mut self,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
+        loop {
+            if let Some(f) = self.stalled.take() {
+                if self.pending.is_empty() {
+                    if self.handle_client(f).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                self.stalled = Some(f);
+            }
+            // Drain whatever the client already sent before waiting.
+            if self.stalled.is_none() {
+                if let Some(f) = self.client.try_buffered_frame()? {
+                    if self.handle_client(f).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+            self.flush_backends().await;
+            if *shutdown.borrow()
+                && self.pending.is_empty()
+                && self.tx_status == b'I'
+                && self.stalled.is_none()
+            {
+                self.client
+                    .fatal(
+                        "57P01",
+                        "terminating connection: meridian-pgproxy is shutting down",
+                    )
+                    .await;
+                return Ok(());
+            }
+            let event = {
+                let read_client = self.stalled.is_none();
+                let active = self.active;
+                let busy = !self.pending.is_empty();
+                let Session {
+                    client,
+                    primary,
+                    replica,
+                    ..
+                } = self;
+                tokio::select! {
+                    biased;
+                    r = read_backend(primary), if primary.is_some() => Event::Backend(Which::Primary, r),
+                    r = read_backend(replica), if replica.is_some() => Event::Backend(Which::Replica, r),
+                    r = client.read_frame(), if read_client => Event::Client(r),
+                    _ = shutdown.changed(), if !busy && active.is_none() => Event::Shutdown,
+                }
+            };
+            match event {
+                Event::Client(Err(ClientError::Closed)) => return Ok(()),
+                Event::Client(Err(e)) => {
+                    if let ClientError::Wire(w) = &e {
+                        self.client
+                            .fatal("08P01", &format!("invalid message: {w}"))
+                            .await;
+                    }
+                    return Err(e.into());
+                }
+                Event::Client(Ok(f)) => {
+                    if self.handle_client(f).await? {
+                        return Ok(());
+                    }
+                }
+                Event::Backend(w, r) => {
+                    self.on_backend_result(w, r).await?;
+                    // Forward everything already buffered, then flush once.
+                    while let Some(c) = self.conn(w) {
+                        if !c.has_buffered_frame() {
+                            break;
+                        }
+                        let r = c.read_frame().await;
+                        self.on_backend_result(w, r).await?;
+                    }
+                    if self.client.pending_output() > 0 {
+                        self.client.flush().await?;
+                    }
+                }
+                Event::Shutdown => {}
+            }
+        }
+    }
+
+    async fn flush_backends(&mut self) {
+        for w in [Which::Primary, Which::Replica] {
+            let Some(c) = self.conn(w) else { continue };
+            if c.has_queued() {
+                if let Err(e) = c.flush().await {
+                    let _ = self.backend_lost(w, e).await;
+                }
+            }
+        }
+    }
+
+    async fn on_backend_result(
+        &mut self,
+        w: Which,
+        r: Result<Frame, BackendError>,
+    ) -> Result<(), SessionError> {
+        match r {
+            Ok(f) => self.on_backend_frame(w, f).await,
+            Err(e) => self.backend_lost(w, e).await,
+        }
+    }
+
+    /// A backend failed. In-flight work gets a class-08 error; an idle backend is dropped quietly.
+    async fn backend_lost(&mut self, w: Which, e: BackendError) -> Result<(), SessionError> {
+        if let Some(mut c) = self.slot(w).take() {
+            c.broken = true;
+        }
+        let busy = self.active == Some(w) && !self.pending.is_empty();
+        if !busy {
+            debug!(backend = ?w, error = %e, "idle backend connection lost; dropped");
+            if self.tx_backend == Some(w) {
+                self.tx_backend = None;
+                self.tx_lost = true;
+                self.tx_status = b'E';
+            }
+            return Ok(());
+        }
+        warn!(backend = ?w, error = %e, "backend connection lost during a statement");
+        let in_tx = self.tx_backend == Some(w);
+        let message = if in_tx {
+            "server connection lost: the transaction was rolled back and may be retried"
+        } else {
+            "server connection lost while running the statement; it may or may not have been applied"
+        };
+        self.send_error("08006", message);
+        let ends = self
+            .pending
+            .iter()
+            .any(|p| matches!(p, Pending::Sync | Pending::Query { swallow: false, .. }));
+        self.pending.clear();
+        self.active = None;
+        self.batch = None;
+        self.copy_in = false;
+        if in_tx {
+            self.tx_backend = None;
+            self.tx_lost = true;
+            self.tx_status = b'E';
+        }
+        if ends {
+            self.client.send(&wire::ready_for_query(self.tx_status));
+        } else {
+            self.skip_until_sync = true;
+        }
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    fn send_error(&mut self, code: &str, message: &str) {
+        self.shared.metrics.error(code);
+        self.client
+            .send(&wire::error_response("ERROR", code, message));
+    }
+
+    /// Emits answers the proxy gives itself once they reach the head of the queue.
+    fn drain_synthetic(&mut self) {
+        while let Some(Pending::Synthetic(_)) = self.pending.front() {
+            if let Some(Pending::Synthetic(f)) = self.pending.pop_front() {
+                if f.tag == b'Z' {
+                    self.tx_status = wire::ready_status(&f);
+                }
+                self.client.send(&f);
+            }
+        }
+        if self.pending.is_empty() {
+            self.active = None;
+        }
+    }
+
+    fn set_cancel_target(&mut self, w: Which) {
+        let Some(c) = self.conn(w) else { return };
+        let key = BackendKey {
+            addr: c.addr.clone(),
+            pid: c.pid,
+            secret: c.secret,
+        };
+        if self.cancel_target == Some((w, key.pid)) {
+            return;
+        }
+        self.cancel_target = Some((w, key.pid));
+        if let Ok(mut slot) = self.login.cancel_slot.lock() {
+            *slot = Some(key);
+        }
+    }
+
+    /// Handles one client message. Returns true when the client said goodbye.
+    async fn handle_client(&mut self, f: Frame) -> Result<bool, SessionError> {
+        match f.tag {
+            b'X' => return Ok(true),
+            b'd' | b'c' | b'f' => {
+                if self.copy_in {
+                    if f.tag != b'd' {
+                        self.copy_in = false;
+                    }
+                    if let Some(w) = self.active {
+                        if let Some(c) = self.conn(w) {
+                            c.queue(&f.raw);
+                        }
+                    }
+                }
+                return Ok(false);
+            }
+            _ => {}
+        }
+        if self.copy_in {
+            return Err(SessionError::Protocol(format!(
+                "unexpected message {:?} during COPY",
+                f.tag as char
+            )));
+        }
+        match f.tag {
+            b'Q' => self.handle_query(f).await?,
+            b'F' => self.handle_function_call(f).await?,
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' => self.handle_extended(f).await?,
+            other => {
+                self.client
+                    .fatal(
+                        "08P01",
+                        &format!("invalid frontend message type {:?}", other as char),
+                    )
+                    .await;
+                return Err(SessionError::Protocol(format!("message type {other}")));
+            }
+        }
+        Ok(false)
+    }
+
+    /// True if the frame must wait until the current backend has answered.
+    fn must_stall(&mut self, target: Which, f: &Frame) -> bool {
+        if !self.pending.is_empty() && self.active.is_some_and(|a| a != target) {
+            self.stalled = Some(f.clone());
+            return true;
+        }
+        false
+    }
+
+    async fn handle_query(&mut self, f: Frame) -> Result<(), SessionError> {
+        let sql = match wire::query_text(&f) {
+            Ok(s) => s.to_owned(),
+            Err(e) => {
+                self.client.fatal("08P01", &e.to_string()).await;
+                return Err(SessionError::Protocol(e.to_string()));
+            }
+        };
+        self.query_start = Some(Instant::now());
+        let analysis = self.shared.classifier.analyze(&sql);
+        let tx = analysis.tx_effect();
+
+        if self.tx_lost {
+            return self.answer_lost_tx(tx, false).await;
+        }
+        // Transaction start: defer until the transaction's first statement shows where it runs.
+        if self.tx_status == b'I'
+            && self.pending.is_empty()
+            && analysis.statements.len() == 1
+            && matches!(tx, TxEffect::Begin { .. })
+            && !analysis.hint.primary
+        {
+            let read_only = matches!(tx, TxEffect::Begin { read_only: true });
+            self.lazy_begin = Some((sql, read_only));
+            self.client.send(&wire::command_complete("BEGIN"));
+            self.client.send(&wire::ready_for_query(b'T'));
+            self.tx_status = b'T';
+            self.client.flush().await?;
+            return Ok(());
+        }
+        if let Some((_, _)) = &self.lazy_begin {
+            if analysis.statements.len() == 1 && matches!(tx, TxEffect::Commit | TxEffect::Rollback)
+            {
+                self.lazy_begin = None;
+                let tag = if tx == TxEffect::Commit {
+                    "COMMIT"
+                } else {
+                    "ROLLBACK"
+                };
+                self.client.send(&wire::command_complete(tag));
+                self.client.send(&wire::ready_for_query(b'I'));
+                self.tx_status = b'I';
+                self.client.flush().await?;
+                return Ok(());
+            }
+        }
+        let target = self.target_for(&analysis);
+        if self.must_stall(target, &f) {
+            return Ok(());
+        }
+        if let Err(e) = self.prepare_backend(target).await {
+            return self.answer_no_backend(e, true).await;
+        }
+        self.count_route(target);
+        if let Some(c) = self.conn(target) {
+            c.queue(&f.raw);
+        }
+        self.pending.push_back(Pending::Query {
+            swallow: false,
+            analysis: Some(analysis),
+            failed: false,
+        });
+        self.active = Some(target);
+        self.set_cancel_target(target);
+        Ok(())
+    }
+
+    /// Where a statement goes, taking a deferred BEGIN into account.
+    fn target_for(&self, analysis: &Analysis) -> Which {
+        if let Some((_, read_only)) = &self.lazy_begin {
+            let ro_tx = *read_only
+                || self.read_only_session
+                || analysis
+                    .statements
+                    .first()
+                    .is_some_and(|s| s.tx == TxEffect::SetTransactionReadOnly);
+            return if ro_tx && self.replica_available() && self.pinned.is_none() {
+                Which::Replica
+            } else {
+                Which::Primary
+            };
+        }
+        self.decide(analysis)
+    }
+
+    /// Acquires the target backend and sends a deferred BEGIN to it.
+    async fn prepare_backend(&mut self, target: Which) -> Result<(), PoolError> {
+        self.acquire(target).await?;
+        if let Some((begin, _)) = self.lazy_begin.take() {
+            if let Some(c) = self.conn(target) {
+                c.queue(&wire::encode_query(&begin).raw);
+            }
+            self.pending.push_back(Pending::Query {
+                swallow: true,
+                analysis: None,
+                failed: false,
+            });
+            self.active = Some(target);
+            self.tx_backend = Some(target);
+        }
+        Ok(())
+    }
+
+    fn count_route(&self, w: Which) {
+        let target = match w {
+            Which::Primary => "primary",
+            Which::Replica => "replica",
+        };
+        self.shared
+            .metrics
+            .queries
+            .get_or_create(&TargetLabel { target })
+            .inc();
+    }
+
+    /// No backend could be had: the statement fails with a class-08 error, the session lives on.
+    async fn answer_no_backend(&mut self, e: PoolError, ready: bool) -> Result<(), SessionError> {
+        warn!(error = %e, "no backend for statement");
+        self.send_error("08006", &format!("meridian-pgproxy: {e}"));
+        if let Some(tx) = self.tx_backend.take() {
+            let _ = tx;
+            self.tx_lost = true;
+            self.tx_status = b'E';
+        }
+        if self.lazy_begin.take().is_some() {
+            self.tx_lost = true;
+            self.tx_status = b'E';
+        }
+        if ready {
+            self.client.send(&wire::ready_for_query(self.tx_status));
+        } else {
+            self.skip_until_sync = true;
+        }
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// The transaction's backend is gone: behave like PostgreSQL in an aborted transaction.
+    async fn answer_lost_tx(&mut self, tx: TxEffect, extended: bool) -> Result<(), SessionError> {
+        match tx {
+            TxEffect::Commit | TxEffect::Rollback => {
+                self.tx_lost = false;
+                self.tx_status = b'I';
+                self.client.send(&wire::command_complete("ROLLBACK"));
+            }
+            _ => self.send_error(
+                "25P02",
+                "current transaction is aborted (its server connection was lost), commands ignored until end of transaction block",
+            ),
+        }
+        if extended {
+            if self.tx_status == b'E' {
+                self.skip_until_sync = true;
+            }
+        } else {
+            self.client.send(&wire::ready_for_query(self.tx_status));
+        }
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    async fn handle_function_call(&mut self, f: Frame) -> Result<(), SessionError> {
+        let target = self.tx_backend.unwrap_or(Which::Primary);
+        if self.must_stall(target, &f) {
+            return Ok(());
+        }
+        if let Err(e) = self.prepare_backend(target).await {
+            return self.answer_no_backend(e, true).await;
+        }
+        if let Some(c) = self.conn(target) {
+            c.queue(&f.raw);
+        }
+        self.pending.push_back(Pending::Query {
+            swallow: false,
+            analysis: None,
+            failed: false,
+        });
+        self.active = Some(target);
+        self.set_cancel_target(target);
+        Ok(())
+    }
+
+    /// The statement an extended-protocol message refers to, for routing.
+    fn batch_analysis(&self, f: &Frame) -> Option<Arc<Analysis>> {
+        match f.tag {
+            b'P' => wire::parse_msg(f)
+                .ok()
+                .map(|m| self.shared.classifier.analyze(m.query)),
+            b'B' => {
+                let (_, stmt, _) = wire::bind_names(f).ok()?;
+                self.lookup_stmt(stmt).map(|s| s.analysis.clone())
+            }
+            b'D' => match wire::target_of(f).ok()? {
+                (b'S', name) => self.lookup_stmt(name).map(|s| s.analysis.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn lookup_stmt(&self, name: &str) -> Option<Arc<Stmt>> {
+        if name.is_empty() {
+            self.unnamed.clone()
+        } else {
+            self.statements.get(name).cloned()
+        }
+    }
+
+    async fn handle_extended(&mut self, f: Frame) -> Result<(), SessionError> {
+        if self.skip_until_sync {
+            if f.tag == b'S' {
+                self.skip_until_sync = false;
+                self.client.send(&wire::ready_for_query(self.tx_status));
+                self.client.flush().await?;
+            }
+            return Ok(());
+        }
+        if self.tx_lost {
+            let tx = self
+                .batch_analysis(&f)
+                .map(|a| a.tx_effect())
+                .unwrap_or(TxEffect::None);
+            if f.tag == b'S' {
+                self.client.send(&wire::ready_for_query(self.tx_status));
+                self.client.flush().await?;
+                return Ok(());
+            }
+            if f.tag == b'E' || f.tag == b'P' {
+                return self.answer_lost_tx(tx, true).await;
+            }
+            return Ok(());
+        }
+        let target = match self.batch {
+            Some(w) => w,
+            None => {
+                let analysis = self.batch_analysis(&f);
+                let w = match (&analysis, f.tag) {
+                    (Some(a), _) => self.target_for(a),
+                    (None, b'S' | b'H' | b'C')
+                        if self.held().is_none() && self.lazy_begin.is_none() =>
+                    {
+                        // Nothing to send anywhere: answer ourselves.
+                        self.answer_locally(&f);
+                        self.drain_synthetic();
+                        if f.tag != b'H' {
+                            self.client.flush().await?;
+                        }
+                        return Ok(());
+                    }
+                    (None, _) => self.tx_backend.or(self.held()).unwrap_or(Which::Primary),
+                };
+                if self.must_stall(w, &f) {
+                    return Ok(());
+                }
+                if let Err(e) = self.prepare_backend(w).await {
+                    let ready = f.tag == b'S';
+                    return self.answer_no_backend(e, ready).await;
+                }
+                self.batch = Some(w);
+                if analysis.is_some() {
+                    self.count_route(w);
+                }
+                w
+            }
+        };
+        if self.must_stall(target, &f) {
+            return Ok(());
+        }
+        if self.conn(target).is_none() {
+            if let Err(e) = self.prepare_backend(target).await {
+                return self.answer_no_backend(e, f.tag == b'S').await;
+            }
+        }
+        self.active = Some(target);
+        self.set_cancel_target(target);
+        match f.tag {
+            b'P' => self.forward_parse(target, &f)?,
+            b'B' => self.forward_bind(target, &f)?,
+            b'D' => {
+                let (kind, name) =
+                    wire::target_of(&f).map_err(|e| SessionError::Protocol(e.to_string()))?;
+                if kind == b'S' {
+                    let name = name.to_owned();
+                    let server = self.ensure_prepared(target, &name);
+                    let frame = match server {
+                        Some(s) => wire::encode_target(b'D', b'S', &s),
+                        None => f,
+                    };
+                    self.queue_to(target, &frame);
+                } else {
+                    self.queue_to(target, &f);
+                }
+                self.pending.push_back(Pending::Describe);
+            }
+            b'E' => {
+                let analysis = self.last_bound.as_ref().map(|s| s.analysis.clone());
+                self.queue_to(target, &f);
+                self.pending.push_back(Pending::Execute { analysis });
+            }
+            b'C' => {
+                let (kind, name) =
+                    wire::target_of(&f).map_err(|e| SessionError::Protocol(e.to_string()))?;
+                if kind == b'S' && !name.is_empty() {
+                    // Server-side statements stay cached on the backend for reuse.
+                    self.statements.remove(name);
+                    self.pending
+                        .push_back(Pending::Synthetic(Frame::new(b'3', &[])));
+                } else {
+                    self.queue_to(target, &f);
+                    self.pending.push_back(Pending::Close);
+                }
+            }
+            b'H' => self.queue_to(target, &f),
+            b'S' => {
+                self.queue_to(target, &f);
+                self.pending.push_back(Pending::Sync);
+            }
+            _ => {}
+        }
+        self.drain_synthetic();
+        Ok(())
+    }
+
+    /// Answers a Sync/Flush/Close that needs no backend.
+    fn answer_locally(&mut self, f: &Frame) {
+        match f.tag {
+            b'S' => self
+                .pending
+                .push_back(Pending::Synthetic(wire::ready_for_query(self.tx_status))),
+            b'C' => {
+                if let Ok((b'S', name)) = wire::target_of(f) {
+                    self.statements.remove(name);
+                }
+                self.pending
+                    .push_back(Pending::Synthetic(Frame::new(b'3', &[])));
+            }
+            _ => {}
+        }
+    }
+
+    fn queue_to(&mut self, w: Which, f: &Frame) {
+        if let Some(c) = self.conn(w) {
+            c.queue(&f.raw);
+        }
+    }
+
+    fn forward_parse(&mut self, target: Which, f: &Frame) -> Result<(), SessionError> {
+        let m = wire::parse_msg(f).map_err(|e| SessionError::Protocol(e.to_string()))?;
+        let hash = stmt_hash(m.query, m.param_types);
+        let stmt = Arc::new(Stmt {
+            query: m.query.to_owned(),
+            param_types: m.param_types.to_vec(),
+            hash,
+            server_name: format!("mrd_{hash:016x}"),
+            analysis: self.shared.classifier.analyze(m.query),
+        });
+        if m.name.is_empty() {
+            self.unnamed = Some(stmt.clone());
+            if let Some(c) = self.conn(target) {
+                c.unnamed = Some(hash);
+                c.queue(&f.raw);
+            }
+            self.pending.push_back(Pending::Parse {
+                swallow: false,
+                server_name: None,
+                client_name: None,
+            });
+            return Ok(());
+        }
+        let client_name = m.name.to_owned();
+        self.statements.insert(client_name.clone(), stmt.clone());
+        let Some(c) = self.conn(target) else {
+            return Ok(());
+        };
+        if c.prepared.contains(&stmt.server_name) {
+            self.pending
+                .push_back(Pending::Synthetic(Frame::new(b'1', &[])));
+        } else {
+            c.prepared.insert(stmt.server_name.clone());
+            c.queue(&wire::encode_parse(&stmt.server_name, &stmt.query, &stmt.param_types).raw);
+            self.pending.push_back(Pending::Parse {
+                swallow: false,
+                server_name: Some(stmt.server_name.clone()),
+                client_name: Some(client_name),
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes sure the client's statement `name` exists on the backend; returns its server name.
+    fn ensure_prepared(&mut self, target: Which, name: &str) -> Option<String> {
+        let stmt = self.lookup_stmt(name)?;
+        let c = self.conn(target)?;
+        if name.is_empty() {
+            if c.unnamed != Some(stmt.hash) {
+                c.unnamed = Some(stmt.hash);
+                c.queue(&wire::encode_parse("", &stmt.query, &stmt.param_types).raw);
+                self.pending.push_back(Pending::Parse {
+                    swallow: true,
+                    server_name: None,
+                    client_name: None,
+                });
+            }
+            return Some(String::new());
+        }
+        if !c.prepared.contains(&stmt.server_name) {
+            c.prepared.insert(stmt.server_name.clone());
+            c.queue(&wire::encode_parse(&stmt.server_name, &stmt.query, &stmt.param_types).raw);
+            self.pending.push_back(Pending::Parse {
+                swallow: true,
+                server_name: Some(stmt.server_name.clone()),
+                client_name: None,
+            });
+        }
+        Some(stmt.server_name.clone())
+    }
+
+    fn forward_bind(&mut self, target: Which, f: &Frame) -> Result<(), SessionError> {
+        let (_, stmt_name, _) =
+            wire::bind_names(f).map_err(|e| SessionError::Protocol(e.to_string()))?;
+        let stmt_name = stmt_name.to_owned();
+        self.last_bound = self.lookup_stmt(&stmt_name);
+        let frame = match self.ensure_prepared(target, &stmt_name) {
+            Some(server) if !stmt_name.is_empty() => {
+                wire::rename_bind(f, &server).map_err(|e| SessionError::Protocol(e.to_string()))?
+            }
+            _ => f.clone(),
+        };
+        self.queue_to(target, &frame);
+        self.pending.push_back(Pending::Bind);
+        Ok(())
+    }
+
+    /// Applies the session-level effects of a statement that completed.
+    fn apply_effects(&mut self, w: Which, analysis: &Analysis) {
+        for st in &analysis.statements {
+            let eff = &st.session;
+            if eff.reset_all {
+                self.params.reset_all();
+                self.read_only_session = false;
+                if let Some(c) = self.conn(w) {
+                    // DISCARD ALL also drops prepared statements; forget ours.
+                    c.prepared.clear();
+                    c.unnamed = None;
+                }
+            }
+            for name in &eff.reset {
+                self.params.reset(name);
+                if name.eq_ignore_ascii_case("default_transaction_read_only") {
+                    self.read_only_session = false;
+                }
+            }
+            for (name, value) in &eff.set {
+                self.params.set(name, value);
+                if name.eq_ignore_ascii_case("default_transaction_read_only") {
+                    let v = value.trim_matches('\'').to_ascii_lowercase();
+                    self.read_only_session = matches!(v.as_str(), "on" | "true" | "1" | "yes");
+                }
+            }
+            if let Some(pin) = eff.pins {
+                if self.pinned.is_none() {
+                    debug!(reason = ?pin, "session pinned to its primary backend");
+                }
+                self.pinned = Some(pin);
+                if let Some(c) = self.conn(w) {
+                    c.reset = Reset::Discard;
+                }
+            }
+            if st.kind == StatementKind::Utility
+                && (eff.reset_all || !eff.set.is_empty() || !eff.reset.is_empty())
+            {
+                let hash = self.params.hash;
+                if let Some(c) = self.conn(w) {
+                    c.params_hash = hash;
+                }
+            }
+        }
+    }
+
+    async fn on_backend_frame(&mut self, w: Which, f: Frame) -> Result<(), SessionError> {
+        if self.active != Some(w) || self.pending.is_empty() {
+            // Asynchronous message from a backend with nothing in flight.
+            match f.tag {
+                b'A' | b'N' | b'S' => self.client.send(&f),
+                b'E' => {
+                    let (sev, code, msg) = wire::error_fields(&f);
+                    debug!(backend = ?w, %sev, %code, %msg, "idle backend reported an error; dropping it");
+                    if let Some(mut c) = self.slot(w).take() {
+                        c.broken = true;
+                    }
+                }
+                _ => {
+                    warn!(backend = ?w, tag = %(f.tag as char), "unexpected message from idle backend; dropping it");
+                    if let Some(mut c) = self.slot(w).take() {
+                        c.broken = true;
+                    }
+                }
+            }
+            return Ok(());
+        }
+        self.drain_synthetic();
+        let swallowing = matches!(
+            self.pending.front(),
+            Some(Pending::Query { swallow: true, .. })
+        );
+        match f.tag {
+            b'1' => {
+                if let Some(Pending::Parse { swallow, .. }) = self.pending.pop_front() {
+                    if !swallow {
+                        self.client.send(&f);
+                    }
+                }
+            }
+            b'2' | b'3' => {
+                self.pending.pop_front();
+                self.client.send(&f);
+            }
+            b'n' | b'T' => {
+                if matches!(self.pending.front(), Some(Pending::Describe)) {
+                    self.pending.pop_front();
+                }
+                if !swallowing {
+                    self.client.send(&f);
+                }
+            }
+            b'C' | b'I' | b's' => {
+                if let Some(Pending::Execute { .. }) = self.pending.front() {
+                    if let Some(Pending::Execute { analysis }) = self.pending.pop_front() {
+                        if f.tag == b'C' {
+                            if let Some(a) = analysis {
+                                self.apply_effects(w, &a);
+                            }
+                        }
+                    }
+                }
+                if !swallowing {
+                    self.client.send(&f);
+                }
+            }
+            b'E' => self.on_backend_error(w, f),
+            b'Z' => self.on_ready(w, f),
+            b'G' => {
+                self.copy_in = true;
+                self.client.send(&f);
+            }
+            _ => {
+                if !swallowing {
+                    self.client.send(&f);
+                }
+            }
+        }
+        self.drain_synthetic();
+        Ok(())
+    }
+
+    fn on_backend_error(&mut self, w: Which, f: Frame) {
+        let (_, code, message) = wire::error_fields(&f);
+        self.copy_in = false;
+        match self.pending.front_mut() {
+            Some(Pending::Query { swallow: true, .. }) => {
+                warn!(backend = ?w, %code, %message, "replaying session state failed");
+                return;
+            }
+            Some(Pending::Query { failed, .. }) => {
+                *failed = true;
+            }
+            _ => {
+                // Extended protocol: the backend skips everything up to Sync.
+                let mut kept = VecDeque::new();
+                let mut reached_sync = false;
+                while let Some(p) = self.pending.pop_front() {
+                    if reached_sync {
+                        kept.push_back(p);
+                        continue;
+                    }
+                    match p {
+                        Pending::Sync => {
+                            reached_sync = true;
+                            kept.push_back(p);
+                        }
+                        Pending::Parse {
+                            server_name,
+                            client_name,
+                            ..
+                        } => {
+                            if let Some(name) = server_name {
+                                if let Some(c) = self.conn(w) {
+                                    c.prepared.remove(&name);
+                                }
+                            }
+                            if let Some(name) = client_name {
+                                self.statements.remove(&name);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                self.pending = kept;
+            }
+        }
+        self.shared.metrics.error(&code);
+        self.client.send(&f);
+    }
+
+    fn on_ready(&mut self, w: Which, f: Frame) {
+        let status = wire::ready_status(&f);
+        if let Some(c) = self.conn(w) {
+            c.tx_status = status;
+        }
+        let item = self.pending.pop_front();
+        let swallow = matches!(item, Some(Pending::Query { swallow: true, .. }));
+        if let Some(Pending::Query {
+            analysis: Some(a),
+            failed: false,
+            ..
+        }) = &item
+        {
+            let a = a.clone();
+            self.apply_effects(w, &a);
+        }
+        if swallow {
+            return;
+        }
+        self.batch = None;
+        self.tx_status = status;
+        self.tx_backend = if status == b'I' { None } else { Some(w) };
+        self.client.send(&f);
+        if let Some(start) = self.query_start.take() {
+            self.shared
+                .metrics
+                .latency
+                .observe(start.elapsed().as_secs_f64());
+        }
+        if self.pending.is_empty() {
+            self.active = None;
+            if status == b'I' && self.login.mode == PoolMode::Transaction && self.pinned.is_none() {
+                self.release_all();
+            }
+        }
+    }
+}
+
+async fn read_backend(c: &mut Option<Pooled>) -> Result<Frame, BackendError> {
+    match c {
+        Some(c) => c.read_frame().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,487 @@
+//! Configuration of `meridian-pgproxy`: listeners, backends, pools, users,
+//! routing and TLS. See the README's configuration reference; each field's
+//! default is stated in its doc comment and applied by serde.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// Top-level pgproxy configuration (the TOML file's root).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address clients connect to. Default `127.0.0.1:6432`.
+    pub listen: String,
+    /// Address of the admin HTTP server (`/health`, `/metrics`). Default `127.0.0.1:9187`; empty disables it.
+    pub admin_listen: String,
+    /// Region this proxy serves; replicas of the same region are preferred for reads. Default empty.
+    pub region: String,
+    /// Default client authentication: `scram-sha-256`, `md5` or `trust`. Default `scram-sha-256`.
+    /// `trust` accepts any user and logs in to the backends under the same name (development only).
+    pub auth: AuthMethod,
+    /// Maximum concurrent client connections; more get SQLSTATE 53300. Default 1000.
+    pub max_clients: usize,
+    /// Largest client or backend message accepted, in bytes. Default 1 GiB.
+    pub max_message_size: usize,
+    /// Largest startup packet accepted, in bytes. Default 10000.
+    pub max_startup_packet: usize,
+    /// How long SIGTERM waits for running transactions before closing. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_drain: Duration,
+    /// Static topology (used when no etcd is configured).
+    pub backends: BackendsConfig,
+    /// Backend pool settings.
+    pub pool: PoolConfig,
+    /// Routing settings.
+    pub routing: RoutingConfig,
+    /// TLS towards clients.
+    pub tls: ClientTlsConfig,
+    /// TLS towards backends.
+    pub backend_tls: BackendTlsConfig,
+    /// Users allowed to connect (ignored for users when `auth = "trust"` unless listed).
+    pub users: Vec<UserConfig>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: "127.0.0.1:6432".into(),
+            admin_listen: "127.0.0.1:9187".into(),
+            region: String::new(),
+            auth: AuthMethod::ScramSha256,
+            max_clients: 1000,
+            max_message_size: 1 << 30,
+            max_startup_packet: 10_000,
+            shutdown_drain: Duration::from_secs(30),
+            backends: BackendsConfig::default(),
+            pool: PoolConfig::default(),
+            routing: RoutingConfig::default(),
+            tls: ClientTlsConfig::default(),
+            backend_tls: BackendTlsConfig::default(),
+            users: Vec::new(),
+        }
+    }
+}
+
+/// Client authentication method.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256", alias = "scram")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+impl std::str::FromStr for AuthMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "scram-sha-256" | "scram" => Ok(AuthMethod::ScramSha256),
+            "md5" => Ok(AuthMethod::Md5),
+            "trust" => Ok(AuthMethod::Trust),
+            other => Err(format!(
+                "unknown auth method `{other}` (expected scram-sha-256, md5 or trust)"
+            )),
+        }
+    }
+}
+
+/// The static topology: one primary and any number of replicas.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendsConfig {
+    /// `host:port` of the primary. No default; required unless the topology comes from etcd.
+    pub primary: Option<String>,
+    /// Replicas: `host:port` with an optional region. Default none (reads go to the primary).
+    pub replicas: Vec<ReplicaConfig>,
+}
+
+/// One statically configured replica.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// `host:port` of the replica.
+    pub addr: String,
+    /// Region of the replica. Default: the proxy's own region.
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+/// Pooling mode of a client session.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// One primary and one replica backend per client, acquired on demand, held until the client leaves.
+    #[default]
+    Session,
+    /// Backends go back to the pool at the end of each transaction (unless the session is pinned).
+    Transaction,
+}
+
+impl std::str::FromStr for PoolMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "session" => Ok(PoolMode::Session),
+            "transaction" => Ok(PoolMode::Transaction),
+            other => Err(format!(
+                "unknown pool mode `{other}` (expected session or transaction)"
+            )),
+        }
+    }
+}
+
+/// Backend pool settings, per (backend, database, user).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Default pooling mode. Default `session`.
+    pub mode: PoolMode,
+    /// Connections kept open per pool even when idle. Default 0.
+    pub min_size: u32,
+    /// Most connections per pool. Default 50.
+    pub max_size: u32,
+    /// Idle connections above `min_size` are closed after this. Default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time allowed to connect and log in to a backend. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A connection idle for longer than this is checked with a round trip before it is handed out. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub health_check_after: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Session,
+            min_size: 0,
+            max_size: 50,
+            idle_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(5),
+            health_check_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Read/write routing settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Send reads to replicas at all. Default true.
+    pub replica_reads: bool,
+    /// Extra function names treated as read-safe even if volatile. Default none.
+    pub read_safe_functions: Vec<String>,
+    /// How often function volatility is reloaded from the primary's `pg_proc`. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub catalog_refresh: Duration,
+    /// User the catalog refresh logs in as (must be able to read `pg_proc`). Default `postgres`.
+    pub catalog_user: String,
+    /// Password of `catalog_user`, if the backend asks for one. Default none.
+    pub catalog_password: Option<String>,
+    /// Database the catalog refresh connects to. Default `postgres`.
+    pub catalog_database: String,
+    /// Number of distinct statement texts whose analysis is cached. Default 10000.
+    pub parse_cache_size: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            replica_reads: true,
+            read_safe_functions: Vec::new(),
+            catalog_refresh: Duration::from_secs(60),
+            catalog_user: "postgres".into(),
+            catalog_password: None,
+            catalog_database: "postgres".into(),
+            parse_cache_size: 10_000,
+        }
+    }
+}
+
+/// TLS offered to clients.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTlsConfig {
+    /// PEM certificate chain. Default none (TLS not offered; SSLRequest answered `N`).
+    pub cert: Option<PathBuf>,
+    /// PEM private key. Default none.
+    pub key: Option<PathBuf>,
+    /// Refuse clients that do not use TLS. Default false.
+    pub required: bool,
+}
+
+/// libpq-like TLS modes towards backends.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendTlsMode {
+    /// Never use TLS.
+    #[default]
+    Disable,
+    /// Use TLS if the server offers it, without verifying the certificate.
+    Prefer,
+    /// Require TLS, without verifying the certificate.
+    Require,
+    /// Require TLS and verify the certificate chain (against `ca_file`) and host name.
+    VerifyFull,
+}
+
+impl std::str::FromStr for BackendTlsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "disable" => Ok(Self::Disable),
+            "prefer" => Ok(Self::Prefer),
+            "require" => Ok(Self::Require),
+            "verify-full" => Ok(Self::VerifyFull),
+            other => Err(format!(
+                "unknown backend TLS mode `{other}` (expected disable, prefer, require or verify-full)"
+            )),
+        }
+    }
+}
+
+/// TLS towards backends.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendTlsConfig {
+    /// `disable`, `prefer`, `require` or `verify-full`. Default `disable`.
+    pub mode: BackendTlsMode,
+    /// CA bundle (PEM) for `verify-full`. Default none.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// One configured user.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// User name clients log in with.
+    pub name: String,
+    /// Cleartext password (prefer `scram_verifier`). Default none.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A `SCRAM-SHA-256$<iter>:<salt>:<stored>:<server>` verifier as in `pg_authid`. Default none.
+    #[serde(default)]
+    pub scram_verifier: Option<String>,
+    /// Client auth method for this user. Default: the top-level `auth`.
+    #[serde(default)]
+    pub auth: Option<AuthMethod>,
+    /// User name on the backends. Default: `name`.
+    #[serde(default)]
+    pub backend_user: Option<String>,
+    /// Password on the backends. Default: `password`.
+    #[serde(default)]
+    pub backend_password: Option<String>,
+    /// Pooling mode for this user. Default: `pool.mode`.
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    /// Databases this user may connect to. Default: any.
+    #[serde(default)]
+    pub databases: Vec<String>,
+}
+
+impl ProxyConfig {
+    /// Checks the whole configuration once; errors name the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_addr("listen", &self.listen)?;
+        if !self.admin_listen.is_empty() {
+            check_addr("admin_listen", &self.admin_listen)?;
+        }
+        if let Some(p) = &self.backends.primary {
+            check_hostport("backends.primary", p)?;
+        }
+        for (i, r) in self.backends.replicas.iter().enumerate() {
+            check_hostport(&format!("backends.replicas[{i}].addr"), &r.addr)?;
+        }
+        if self.max_clients == 0 {
+            return Err(ConfigError::invalid("max_clients", "must be at least 1"));
+        }
+        if self.max_startup_packet < 8 || self.max_startup_packet > 1 << 20 {
+            return Err(ConfigError::invalid(
+                "max_startup_packet",
+                "must be between 8 bytes and 1 MiB",
+            ));
+        }
+        if self.max_message_size < 1024 {
+            return Err(ConfigError::invalid(
+                "max_message_size",
+                "must be at least 1024 bytes",
+            ));
+        }
+        if self.pool.max_size == 0 {
+            return Err(ConfigError::invalid("pool.max_size", "must be at least 1"));
+        }
+        if self.pool.min_size > self.pool.max_size {
+            return Err(ConfigError::invalid(
+                "pool.min_size",
+                "must not exceed pool.max_size",
+            ));
+        }
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid("tls.key", "required with tls.cert"))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid("tls.cert", "required with tls.key"))
+            }
+            (None, None) if self.tls.required => {
+                return Err(ConfigError::invalid(
+                    "tls.required",
+                    "needs tls.cert and tls.key",
+                ))
+            }
+            _ => {}
+        }
+        if self.backend_tls.mode == BackendTlsMode::VerifyFull && self.backend_tls.ca_file.is_none()
+        {
+            return Err(ConfigError::invalid(
+                "backend_tls.ca_file",
+                "required when backend_tls.mode = \"verify-full\"",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            let key = format!("users[{i}]");
+            if u.name.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    "must not be empty",
+                ));
+            }
+            if !seen.insert(u.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!("user `{}` is listed twice", u.name),
+                ));
+            }
+            let method = u.auth.unwrap_or(self.auth);
+            match method {
+                AuthMethod::ScramSha256 if u.password.is_none() && u.scram_verifier.is_none() => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.password"),
+                        "scram-sha-256 needs `password` or `scram_verifier`",
+                    ))
+                }
+                AuthMethod::Md5 if u.password.is_none() => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.password"),
+                        "md5 needs `password`",
+                    ))
+                }
+                _ => {}
+            }
+            if let Some(v) = &u.scram_verifier {
+                if !v.starts_with("SCRAM-SHA-256$") {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.scram_verifier"),
+                        "must look like SCRAM-SHA-256$<iterations>:<salt>:<storedkey>:<serverkey>",
+                    ));
+                }
+            }
+        }
+        if self.auth != AuthMethod::Trust && self.users.is_empty() {
+            return Err(ConfigError::invalid(
+                "users",
+                "no users configured; add [[users]] or use auth = \"trust\" for development",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configured user entry, if any.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+fn check_addr(key: &str, value: &str) -> Result<(), ConfigError> {
+    value
+        .parse::<std::net::SocketAddr>()
+        .map(|_| ())
+        .map_err(|e| {
+            ConfigError::invalid(key, format!("`{value}` is not an ip:port address ({e})"))
+        })
+}
+
+fn check_hostport(key: &str, value: &str) -> Result<(), ConfigError> {
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(ConfigError::invalid(
+            key,
+            format!("`{value}` is not a host:port address"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_in_trust_mode() {
+        let c = ProxyConfig {
+            auth: AuthMethod::Trust,
+            ..Default::default()
+        };
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn scram_without_users_names_the_key() {
+        let err = ProxyConfig::default().validate().unwrap_err().to_string();
+        assert!(err.contains("`users`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let err = toml::from_str::<ProxyConfig>("listen = \"127.0.0.1:1\"\nlisten_port = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c: ProxyConfig = toml::from_str(
+            r#"
+            listen = "0.0.0.0:6432"
+            auth = "md5"
+            [backends]
+            primary = "db1:5432"
+            replicas = [{ addr = "db2:5432", region = "eu" }]
+            [pool]
+            mode = "transaction"
+            idle_timeout = "1m"
+            [[users]]
+            name = "app"
+            password = "secret"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.pool.mode, PoolMode::Transaction);
+        assert_eq!(c.pool.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.backends.replicas[0].region.as_deref(), Some("eu"));
+    }
+
+    #[test]
+    fn bad_primary_names_the_key() {
+        let c = ProxyConfig {
+            auth: AuthMethod::Trust,
+            backends: BackendsConfig {
+                primary: Some("nohost".into()),
+                replicas: vec![],
+            },
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("backends.primary"), "{err}");
+    }
+}

@@ -1,0 +1,11 @@
+//! Types and codecs every Meridian part agrees on: the configuration schema, the
+//! topology and leader records, LSNs and epochs, the etcd key layout, the QUIC
+//! message envelope, and the telemetry setup. Nothing in this crate opens a socket.
+
+pub mod config;
+pub mod envelope;
+pub mod epoch;
+pub mod keys;
+pub mod lsn;
+pub mod records;
+pub mod telemetry;
