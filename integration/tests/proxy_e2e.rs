@@ -29,6 +29,7 @@ impl Drop for Proxy {
 
 impl Proxy {
     async fn start(mut cfg: ProxyConfig) -> Proxy {
+        meridian_shared::telemetry::init();
         let clients = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = clients.local_addr().unwrap().port();
@@ -291,6 +292,18 @@ async fn cancel_copy_and_backend_loss() {
         sink.send(bytes::Bytes::from(data)).await.unwrap();
         assert_eq!(sink.finish().await.unwrap(), 1000);
     }
+    // Replication is asynchronous: wait until the replica that serves the read has the rows.
+    eventually(
+        Duration::from_secs(10),
+        "replica has the copied rows",
+        || async {
+            let n: i64 = c.query_one("SELECT count(*) FROM cp", &[]).await?.get(0);
+            anyhow::ensure!(n == 1000, "{n} rows");
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
     {
         use futures::StreamExt;
         let stream = c
@@ -420,9 +433,21 @@ async fn scram_md5_wrong_password_and_bad_input() {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
         .await
         .unwrap();
-    s.write_all(&[0, 0, 0, 12, 0, 9, 0, 0, 1, 2, 3, 4])
+    s.write_all(&[0, 0, 0, 12, 0, 3, 0, 0, 1, 2, 3, 4])
         .await
         .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.first(), Some(&b'E'));
+    assert!(String::from_utf8_lossy(&reply).contains("08P01"));
+    // An unknown protocol version gets 0A000.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    s.write_all(&[0, 0, 0, 9, 0, 9, 0, 0, 0]).await.unwrap();
     let mut reply = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
         .await

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use meridian_shared::config::PoolMode;
-use meridian_sqlroute::{Analysis, PinReason, StatementKind, TxEffect};
+use meridian_sqlroute::{Analysis, PinReason, TxEffect};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
@@ -188,6 +188,8 @@ pub struct Session<S> {
     stalled: Option<Frame>,
     query_start: Option<Instant>,
     cancel_target: Option<(Which, i32)>,
+    /// The backend's own FATAL error was already forwarded for the current loss.
+    loss_reported: bool,
 }
 
 fn stmt_hash(query: &str, types: &[u8]) -> u64 {
@@ -232,6 +234,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             stalled: None,
             query_start: None,
             cancel_target: None,
+            loss_reported: false,
         }
     }
 
@@ -243,15 +246,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             Which::Primary
         };
-        let conn = match self.acquire(which).await {
-            Ok(c) => c,
+        let which = match self.acquire_raw(which).await {
+            Ok(()) => which,
             Err(e) if which == Which::Replica => {
                 debug!(error = %e, "replica unavailable at login, using the primary");
-                self.acquire(Which::Primary).await?
+                self.acquire_raw(Which::Primary).await?;
+                Which::Primary
             }
             Err(e) => return Err(e),
         };
-        let params = conn.params.clone();
+        let params = self
+            .conn(which)
+            .map(|c| c.params.clone())
+            .unwrap_or_default();
         if self.login.mode == PoolMode::Transaction {
             self.release_all();
         }
@@ -322,6 +329,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Makes sure the session holds a backend of kind `w`.
     async fn acquire(&mut self, w: Which) -> Result<&mut Pooled, PoolError> {
+        self.acquire_raw(w).await?;
+        self.apply_prelude(w)
+    }
+
+    /// Makes sure the session holds a backend of kind `w`; nothing is sent to it.
+    async fn acquire_raw(&mut self, w: Which) -> Result<(), PoolError> {
         if self.slot(w).is_none() {
             let addr = {
                 let topo = self.shared.topology.borrow();
@@ -346,6 +359,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let conn = self.shared.pools.get(&params, &pool_cfg).await?;
             *self.slot(w) = Some(conn);
         }
+        Ok(())
+    }
+
+    /// Queues the replay of the session's parameters on backend `w` if it differs.
+    fn apply_prelude(&mut self, w: Which) -> Result<&mut Pooled, PoolError> {
         let params = &self.params;
         let conn = match w {
             Which::Primary => self.primary.as_mut(),
@@ -565,12 +583,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             "server connection lost while running the statement; it may or may not have been applied"
         };
-        self.send_error("08006", message);
-        let ends = self
-            .pending
-            .iter()
-            .any(|p| matches!(p, Pending::Sync | Pending::Query { swallow: false, .. }));
-        self.pending.clear();
+        // Every request the client is waiting on ends now: each simple query and
+        // each Sync gets an error and a ReadyForQuery, in order; extended messages
+        // after the last Sync are skipped until the client's next Sync.
+        let pending = std::mem::take(&mut self.pending);
         self.active = None;
         self.batch = None;
         self.copy_in = false;
@@ -579,9 +595,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.tx_lost = true;
             self.tx_status = b'E';
         }
-        if ends {
-            self.client.send(&wire::ready_for_query(self.tx_status));
-        } else {
+        let mut trailing = false;
+        let mut first = true;
+        let mut reported = std::mem::take(&mut self.loss_reported);
+        let already = reported;
+        for p in pending {
+            match p {
+                Pending::Sync | Pending::Query { swallow: false, .. } => {
+                    if !std::mem::take(&mut reported) {
+                        let text = if first {
+                            message
+                        } else {
+                            "server connection lost"
+                        };
+                        self.send_error("08006", text);
+                    }
+                    self.client.send(&wire::ready_for_query(self.tx_status));
+                    first = false;
+                    trailing = false;
+                }
+                Pending::Query { swallow: true, .. } => {}
+                _ => trailing = true,
+            }
+        }
+        if trailing || first {
+            if first && !already {
+                self.send_error("08006", message);
+            }
             self.skip_until_sync = true;
         }
         self.client.flush().await?;
@@ -627,8 +667,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Handles one client message. Returns true when the client said goodbye.
     async fn handle_client(&mut self, f: Frame) -> Result<bool, SessionError> {
+        tracing::trace!(tag = %(f.tag as char), batch = ?self.batch, "client message");
         match f.tag {
             b'X' => return Ok(true),
+            b'S' | b'H' if self.copy_in => {
+                // Ignored by the backend in copy-in mode: pass on, expect nothing.
+                if let Some(w) = self.active {
+                    if let Some(c) = self.conn(w) {
+                        c.queue(&f.raw);
+                    }
+                }
+                return Ok(false);
+            }
             b'd' | b'c' | b'f' => {
                 if self.copy_in {
                     if f.tag != b'd' {
@@ -1144,9 +1194,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     c.reset = Reset::Discard;
                 }
             }
-            if st.kind == StatementKind::Utility
-                && (eff.reset_all || !eff.set.is_empty() || !eff.reset.is_empty())
-            {
+            if eff.reset_all || !eff.set.is_empty() || !eff.reset.is_empty() {
                 let hash = self.params.hash;
                 if let Some(c) = self.conn(w) {
                     c.params_hash = hash;
@@ -1156,6 +1204,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn on_backend_frame(&mut self, w: Which, f: Frame) -> Result<(), SessionError> {
+        tracing::trace!(backend = ?w, tag = %(f.tag as char), pending = ?self.pending.front(), "backend message");
         if self.active != Some(w) || self.pending.is_empty() {
             // Asynchronous message from a backend with nothing in flight.
             match f.tag {
@@ -1215,10 +1264,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.client.send(&f);
                 }
             }
-            b'E' => self.on_backend_error(w, f),
+            b'E' => {
+                let (severity, code, _) = wire::error_fields(&f);
+                if severity == "FATAL" || severity == "PANIC" {
+                    // The server is closing this connection: report the loss now so
+                    // the client's next statement goes to a fresh backend.
+                    self.shared.metrics.error(&code);
+                    self.client.send(&f);
+                    self.loss_reported = true;
+                    return self.backend_lost(w, BackendError::Closed).await;
+                }
+                self.on_backend_error(w, f)
+            }
             b'Z' => self.on_ready(w, f),
             b'G' => {
+                // The backend ignores Sync and Flush during copy-in mode; a client
+                // that pipelined a Sync behind its Execute gets no answer for it.
                 self.copy_in = true;
+                let head = self.pending.pop_front();
+                self.pending.retain(|p| !matches!(p, Pending::Sync));
+                if let Some(h) = head {
+                    self.pending.push_front(h);
+                }
                 self.client.send(&f);
             }
             _ => {
