@@ -559,3 +559,42 @@ async fn pgbench_in_all_protocol_modes_has_no_failures() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_offered_and_can_be_required() {
+    let cluster = PgCluster::builder().replicas(0).start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.path().join("proxy.crt");
+    let key_path = dir.path().join("proxy.key");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let mut cfg = trust_config(&cluster);
+    cfg.tls.cert = Some(cert_path);
+    cfg.tls.key = Some(key_path);
+    cfg.tls.required = true;
+    let proxy = Proxy::start(cfg).await;
+
+    // psql with sslmode=require negotiates TLS through the proxy.
+    let out = Command::new("psql")
+        .arg(proxy.dsn("postgres", "sslmode=require"))
+        .args(["-Atc", "SELECT 42", "-c", "\\conninfo"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("42"), "{stdout}");
+    assert!(stdout.contains("SSL connection"), "{stdout}");
+
+    // Without TLS the proxy refuses, naming the reason.
+    let out = Command::new("psql")
+        .arg(proxy.dsn("postgres", "sslmode=disable"))
+        .args(["-Atc", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS"),
+        "{out:?}"
+    );
+}
