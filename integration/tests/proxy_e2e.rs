@@ -101,6 +101,34 @@ fn trust_config(cluster: &PgCluster) -> ProxyConfig {
     cfg
 }
 
+/// Waits until the count query `sql` returns `expected` (replication is asynchronous).
+async fn wait_count(c: &tokio_postgres::Client, sql: &str, expected: i64, within: Duration) {
+    eventually(within, sql, || async {
+        let n: i64 = c.query_one(sql, &[]).await?.get(0);
+        anyhow::ensure!(n == expected, "got {n}, want {expected}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits until exactly one session on the server of `c` is running `query`.
+async fn wait_running(c: &tokio_postgres::Client, query: &str) {
+    eventually(Duration::from_secs(10), query, || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+                &[&query],
+            )
+            .await?
+            .get(0);
+        anyhow::ensure!(n == 1, "{n} sessions run it");
+        Ok(())
+    })
+    .await
+    .unwrap();
+}
+
 async fn is_replica(c: &tokio_postgres::Client, sql: &str) -> bool {
     c.query_one(sql, &[]).await.unwrap().get::<_, bool>(0)
 }
@@ -162,17 +190,7 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
     c.batch_execute("COMMIT").await.unwrap();
 
     // The replica catches up and serves the committed rows.
-    eventually(
-        Duration::from_secs(10),
-        "replica sees both rows",
-        || async {
-            let n: i64 = c.query_one("SELECT count(*) FROM rw", &[]).await?.get(0);
-            anyhow::ensure!(n == 2, "replica has {n} rows");
-            Ok(())
-        },
-    )
-    .await
-    .unwrap();
+    wait_count(&c, "SELECT count(*) FROM rw", 2, Duration::from_secs(10)).await;
 
     // The metrics endpoint counts both targets.
     let body = http_get(proxy.admin_port, "/metrics").await;
@@ -206,16 +224,13 @@ async fn prepared_statements_survive_backend_switching_in_transaction_mode() {
         .batch_execute("CREATE TABLE kv (k int primary key, v int); INSERT INTO kv SELECT g, g * 10 FROM generate_series(1, 100) g")
         .await
         .unwrap();
-    eventually(Duration::from_secs(10), "replica has kv", || async {
-        let n: i64 = setup
-            .query_one("SELECT count(*) FROM kv", &[])
-            .await?
-            .get(0);
-        anyhow::ensure!(n == 100);
-        Ok(())
-    })
-    .await
-    .unwrap();
+    wait_count(
+        &setup,
+        "SELECT count(*) FROM kv",
+        100,
+        Duration::from_secs(10),
+    )
+    .await;
 
     // Several clients share two backend connections per pool; each keeps
     // using its own prepared statements, which the proxy re-prepares on
@@ -266,7 +281,8 @@ async fn cancel_copy_and_backend_loss() {
     let started = std::time::Instant::now();
     let sleeper =
         tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(30)").await.map(|_| c) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let direct = cluster.replicas()[0].client().await.unwrap();
+    wait_running(&direct, "SELECT pg_sleep(30)").await;
     token.cancel_query(NoTls).await.unwrap();
     let err = sleeper
         .await
@@ -293,17 +309,7 @@ async fn cancel_copy_and_backend_loss() {
         assert_eq!(sink.finish().await.unwrap(), 1000);
     }
     // Replication is asynchronous: wait until the replica that serves the read has the rows.
-    eventually(
-        Duration::from_secs(10),
-        "replica has the copied rows",
-        || async {
-            let n: i64 = c.query_one("SELECT count(*) FROM cp", &[]).await?.get(0);
-            anyhow::ensure!(n == 1000, "{n} rows");
-            Ok(())
-        },
-    )
-    .await
-    .unwrap();
+    wait_count(&c, "SELECT count(*) FROM cp", 1000, Duration::from_secs(10)).await;
     {
         use futures::StreamExt;
         let stream = c
@@ -324,28 +330,11 @@ async fn cancel_copy_and_backend_loss() {
     // and its next statement runs on a fresh backend.
     let victim = proxy.connect("postgres", "").await.unwrap();
     victim.batch_execute("SELECT 1").await.unwrap();
-    let direct = cluster.replicas()[0].client().await.unwrap();
     let running = tokio::spawn(async move {
         let r = victim.batch_execute("SELECT pg_sleep(20)").await;
         (victim, r)
     });
-    eventually(
-        Duration::from_secs(10),
-        "the sleep is running on the replica",
-        || async {
-            let n: i64 = direct
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)'",
-                    &[],
-                )
-                .await?
-                .get(0);
-            anyhow::ensure!(n == 1, "{n} sessions");
-            Ok(())
-        },
-    )
-    .await
-    .unwrap();
+    wait_running(&direct, "SELECT pg_sleep(20)").await;
     direct
         .batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)'")
         .await
@@ -511,20 +500,13 @@ async fn pgbench_in_all_protocol_modes_has_no_failures() {
         String::from_utf8_lossy(&init.stderr)
     );
     let direct = cluster.replicas()[0].client().await.unwrap();
-    eventually(
+    wait_count(
+        &direct,
+        "SELECT count(*) FROM pgbench_branches",
+        1,
         Duration::from_secs(20),
-        "replica has pgbench tables",
-        || async {
-            let n: i64 = direct
-                .query_one("SELECT count(*) FROM pgbench_branches", &[])
-                .await?
-                .get(0);
-            anyhow::ensure!(n == 1);
-            Ok(())
-        },
     )
-    .await
-    .unwrap();
+    .await;
     for mode in ["simple", "extended", "prepared"] {
         for select_only in [true, false] {
             let mut cmd = Command::new(pgbench());

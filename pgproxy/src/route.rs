@@ -86,6 +86,23 @@ pub fn route(analysis: &Analysis, catalog: &FunctionCatalog, s: SessionView) -> 
     (Which::Primary, Reason::Write)
 }
 
+/// Where a transaction whose `BEGIN` was deferred runs, decided by its first
+/// statement: a replica if the transaction is read only (`BEGIN READ ONLY`, a
+/// read-only session, or `SET TRANSACTION READ ONLY` first), else the primary.
+pub fn route_deferred_begin(begin_read_only: bool, first: &Analysis, s: SessionView) -> Which {
+    let read_only = begin_read_only
+        || s.read_only_session
+        || first
+            .statements
+            .first()
+            .is_some_and(|st| st.tx == TxEffect::SetTransactionReadOnly);
+    if read_only && s.replica_available && !s.pinned {
+        Which::Replica
+    } else {
+        Which::Primary
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +154,26 @@ mod tests {
             ..view()
         };
         assert_eq!(go("SELECT 1", tx), Which::Primary);
+    }
+
+    #[test]
+    fn deferred_begin_follows_the_first_statement() {
+        let c = Classifier::new(16);
+        let ro = c.analyze("SET TRANSACTION READ ONLY");
+        let read = c.analyze("SELECT 1");
+        assert_eq!(route_deferred_begin(false, &ro, view()), Which::Replica);
+        assert_eq!(route_deferred_begin(false, &read, view()), Which::Primary);
+        assert_eq!(route_deferred_begin(true, &read, view()), Which::Replica);
+        let pinned = SessionView {
+            pinned: true,
+            ..view()
+        };
+        assert_eq!(route_deferred_begin(true, &read, pinned), Which::Primary);
+        let none = SessionView {
+            replica_available: false,
+            ..view()
+        };
+        assert_eq!(route_deferred_begin(false, &ro, none), Which::Primary);
     }
 
     #[test]

@@ -756,21 +756,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.client.flush().await?;
             return Ok(());
         }
-        if let Some((_, _)) = &self.lazy_begin {
-            if analysis.statements.len() == 1 && matches!(tx, TxEffect::Commit | TxEffect::Rollback)
-            {
-                self.lazy_begin = None;
-                let tag = if tx == TxEffect::Commit {
-                    "COMMIT"
-                } else {
-                    "ROLLBACK"
-                };
-                self.client.send(&wire::command_complete(tag));
-                self.client.send(&wire::ready_for_query(b'I'));
-                self.tx_status = b'I';
-                self.client.flush().await?;
-                return Ok(());
-            }
+        // An empty transaction never touches a backend.
+        if self.lazy_begin.is_some()
+            && analysis.statements.len() == 1
+            && matches!(tx, TxEffect::Commit | TxEffect::Rollback)
+        {
+            self.lazy_begin = None;
+            let tag = if tx == TxEffect::Commit {
+                "COMMIT"
+            } else {
+                "ROLLBACK"
+            };
+            self.client.send(&wire::command_complete(tag));
+            self.client.send(&wire::ready_for_query(b'I'));
+            self.tx_status = b'I';
+            self.client.flush().await?;
+            return Ok(());
         }
         let target = self.target_for(&analysis);
         if self.must_stall(target, &f) {
@@ -796,17 +797,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Where a statement goes, taking a deferred BEGIN into account.
     fn target_for(&self, analysis: &Analysis) -> Which {
         if let Some((_, read_only)) = &self.lazy_begin {
-            let ro_tx = *read_only
-                || self.read_only_session
-                || analysis
-                    .statements
-                    .first()
-                    .is_some_and(|s| s.tx == TxEffect::SetTransactionReadOnly);
-            return if ro_tx && self.replica_available() && self.pinned.is_none() {
-                Which::Replica
-            } else {
-                Which::Primary
-            };
+            return route::route_deferred_begin(
+                *read_only,
+                analysis,
+                SessionView {
+                    in_tx: None,
+                    pinned: self.pinned.is_some(),
+                    read_only_session: self.read_only_session,
+                    replica_available: self.replica_available(),
+                    held: self.held(),
+                },
+            );
         }
         self.decide(analysis)
     }
@@ -845,12 +846,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn answer_no_backend(&mut self, e: PoolError, ready: bool) -> Result<(), SessionError> {
         warn!(error = %e, "no backend for statement");
         self.send_error("08006", &format!("meridian-pgproxy: {e}"));
-        if let Some(tx) = self.tx_backend.take() {
-            let _ = tx;
-            self.tx_lost = true;
-            self.tx_status = b'E';
-        }
-        if self.lazy_begin.take().is_some() {
+        let had_tx = self.tx_backend.take().is_some();
+        if self.lazy_begin.take().is_some() || had_tx {
             self.tx_lost = true;
             self.tx_status = b'E';
         }
