@@ -29,7 +29,7 @@ as_root() {
 
 packages=(
     postgresql-15 postgresql-client-15 pgbouncer etcd-server redis-server haproxy
-    protobuf-compiler
+    protobuf-compiler libprotobuf-dev
 )
 
 installed() {

@@ -7,6 +7,9 @@
 //! records, QUIC sessions with the agents, the admin API) carries out what these
 //! modules decide.
 
+pub mod admin;
+pub mod control;
 pub mod detector;
+pub mod http;
 pub mod planner;
 pub mod sync;

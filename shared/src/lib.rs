@@ -7,5 +7,6 @@ pub mod envelope;
 pub mod epoch;
 pub mod keys;
 pub mod lsn;
+pub mod pki;
 pub mod records;
 pub mod telemetry;
