@@ -5,13 +5,15 @@
 //! - [`PgCluster`]: a PostgreSQL primary with streaming replicas in a temp
 //!   dir, killed and removed on drop, logs printed when a test fails.
 //!
+//! - [`meridian_launcher::LocalCluster`]: the whole multi-region cluster as
+//!   processes (etcd, coordinators, agents with their Postgres, proxies, WAN links).
+//!
 //! Limits: everything runs on this host; PostgreSQL programs come from the
-//! Debian packages that `integration/run-tests.sh` installs. etcd, Redis, the
-//! WAN-link simulator and the multi-region launcher are not here yet.
+//! Debian packages that `integration/run-tests.sh` installs.
 
 pub mod pg_cluster;
-pub mod ports;
-pub mod wait;
+
+pub use meridian_launcher::{ports, wait};
 
 pub use meridian_agent::postgres::{PgNode, StopMode};
 pub use pg_cluster::{PgCluster, PgClusterBuilder};

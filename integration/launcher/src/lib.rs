@@ -1,12 +1,26 @@
-//! The local multi-region cluster: `meridianctl local up|down` and the end-to-end
+//! The local multi-region cluster: `meridianctl local up` and the end-to-end
 //! tests start the same thing through this crate. It spawns real processes on
 //! loopback with free ports (etcd, coordinators, one Postgres node with its agent
-//! and one pgproxy per region), waits until the cluster serves, and writes
-//! `DIR/cluster.json` ([`ClusterFile`]), the machine-readable description scripts
-//! and `meridianctl --dir DIR` rely on.
+//! and one pgproxy per region, a userspace WAN link in front of every node),
+//! waits until the cluster serves, and writes `DIR/cluster.json`
+//! ([`ClusterFile`]), the machine-readable description scripts and
+//! `meridianctl --dir DIR` rely on.
+//!
+//! Also here, because the launcher and the tests share them: [`wait::eventually`]
+//! (deadline-bounded waiting) and [`ports`] (free loopback ports).
 
+pub mod binaries;
+pub mod cluster;
 pub mod cluster_file;
+pub mod etcd;
+pub mod ports;
+pub mod process;
+pub mod wait;
+pub mod wanlink;
 
+use std::time::Duration;
+
+pub use cluster::{connect, ClusterSpec, LocalCluster};
 pub use cluster_file::{ClusterFile, CoordinatorEntry, NodeEntry, RegionEntry};
 
 /// `meridianctl local …`
@@ -19,7 +33,8 @@ pub struct LocalArgs {
 /// The `local` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum LocalCmd {
-    /// Start a local multi-region cluster and run until SIGINT/SIGTERM.
+    /// Start a local multi-region cluster on loopback and run until SIGINT/SIGTERM,
+    /// then stop everything it started.
     Up(UpArgs),
 }
 
@@ -29,14 +44,67 @@ pub struct UpArgs {
     /// Comma-separated region names; the first region's node starts as primary.
     #[arg(long, default_value = "us-east,us-west,eu-west", value_delimiter = ',')]
     pub regions: Vec<String>,
-    /// Directory for data, logs, certificates and cluster.json (created if missing).
+    /// Directory for data, logs, certificates and cluster.json (created if missing;
+    /// must not hold a previous cluster).
     #[arg(long)]
     pub dir: std::path::PathBuf,
+    /// Cluster name (the etcd prefix is /meridian/<cluster>/).
+    #[arg(long, default_value = "local")]
+    pub cluster: String,
+    /// Number of coordinators (one active, the others standing by).
+    #[arg(long, default_value_t = 2)]
+    pub coordinators: usize,
 }
 
 /// Runs a `local` subcommand.
 pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     match args.cmd {
-        LocalCmd::Up(_) => anyhow::bail!("meridianctl local up: not built yet"),
+        LocalCmd::Up(up) => run_up(up).await,
     }
+}
+
+async fn run_up(up: UpArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !up.dir.join("cluster.json").exists(),
+        "{} already holds a cluster (cluster.json exists); choose an empty --dir",
+        up.dir.display()
+    );
+    let regions: Vec<&str> = up.regions.iter().map(String::as_str).collect();
+    let mut spec = ClusterSpec::new(&up.dir, &regions);
+    spec.cluster = up.cluster.clone();
+    spec.coordinators = up.coordinators;
+    eprintln!(
+        "starting cluster {:?} in {} (logs in {}/logs)…",
+        spec.cluster,
+        up.dir.display(),
+        up.dir.display()
+    );
+    let mut cluster = LocalCluster::start(spec).await?;
+    println!("cluster {:?} is up", cluster.spec.cluster);
+    for p in &cluster.proxies {
+        println!("  {:<10} psql \"{}\"", p.region, p.dsn());
+    }
+    for n in &cluster.nodes {
+        println!(
+            "  node {:<12} ({}) postgres on 127.0.0.1:{} (superuser postgres, trust)",
+            n.name, n.initial_role, n.pg_port
+        );
+    }
+    println!(
+        "  meridianctl --dir {} status     (cluster.json written there)",
+        up.dir.display()
+    );
+    println!("Ctrl-C stops everything.");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("stopping…");
+    cluster.stop().await;
+    let _ = std::fs::remove_file(up.dir.join("cluster.json"));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    eprintln!("stopped");
+    Ok(())
 }

@@ -1,0 +1,690 @@
+//! [`LocalCluster`]: a whole Meridian cluster as processes on loopback. One etcd,
+//! N coordinators, and per region one Postgres node (its agent runs it) and one
+//! pgproxy. Every node is reached by everybody else through its own WAN
+//! [`Link`] (its advertised `pg_addr`), and each agent reaches etcd through its
+//! own link, so a test can partition one node from the rest of the cluster
+//! while a writer still reaches it directly on its real port.
+//!
+//! Dropping a `LocalCluster` kills everything it started (postmasters included,
+//! found through their `postmaster.pid`); [`LocalCluster::stop`] does the same
+//! gracefully.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use meridian_shared::keys::Keys;
+use meridian_shared::pki::{write_dev_pki, PkiPaths};
+use meridian_shared::records::{self, ClusterConfig, CoordinatorRecord, LeaderRecord};
+use nix::sys::signal::Signal;
+
+use crate::binaries::Binaries;
+use crate::cluster_file::{ClusterFile, CoordinatorEntry, NodeEntry, RegionEntry};
+use crate::etcd::Etcd;
+use crate::ports::free_port;
+use crate::process::{alive, signal, tail, Proc};
+use crate::wait::eventually;
+use crate::wanlink::{Link, LinkControl};
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub cluster: String,
+    pub dir: PathBuf,
+    /// The first region's node bootstraps the cluster (initial primary).
+    pub regions: Vec<String>,
+    pub coordinators: usize,
+    /// Written to etcd's `config` before any coordinator starts.
+    pub config: Option<ClusterConfig>,
+    /// The agents' etcd lease TTL.
+    pub lease_ttl: Duration,
+    /// How long to wait for the whole cluster to serve.
+    pub ready_timeout: Duration,
+}
+
+impl ClusterSpec {
+    pub fn new(dir: &Path, regions: &[&str]) -> ClusterSpec {
+        ClusterSpec {
+            cluster: "local".into(),
+            dir: dir.to_path_buf(),
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            coordinators: 2,
+            config: None,
+            lease_ttl: Duration::from_secs(3),
+            ready_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// One Postgres node and its agent.
+pub struct Node {
+    pub name: String,
+    pub region: String,
+    /// The port Postgres really listens on (direct access, bypassing the link).
+    pub pg_port: u16,
+    pub data_dir: PathBuf,
+    pub initial_role: &'static str,
+    /// Everybody else reaches this node's Postgres through this link.
+    pub ingress: Link,
+    /// This node's agent reaches etcd through this link.
+    pub etcd_link: Link,
+    agent_args: Vec<String>,
+    agent: Option<Proc>,
+}
+
+impl Node {
+    /// The address in `members/<node>` and `leader`.
+    pub fn pg_addr(&self) -> String {
+        self.ingress.local_addr().to_string()
+    }
+
+    /// A libpq URL straight to this node's Postgres (as the superuser).
+    pub fn direct_dsn(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=2",
+            self.pg_port
+        )
+    }
+
+    /// PID of the running postmaster, from `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+        alive(pid).then_some(pid)
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Proc::pid)
+    }
+
+    /// Cuts this node off: nobody reaches its Postgres through its address and
+    /// its agent loses etcd.
+    pub fn partition(&self) {
+        self.ingress.control().cut();
+        self.etcd_link.control().cut();
+    }
+
+    pub fn heal(&self) {
+        self.ingress.control().heal();
+        self.etcd_link.control().heal();
+    }
+}
+
+/// One coordinator process.
+pub struct Coordinator {
+    pub name: String,
+    pub admin_addr: String,
+    pub http_addr: String,
+    proc: Option<Proc>,
+}
+
+impl Coordinator {
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+}
+
+/// One region's proxy.
+pub struct Proxy {
+    pub region: String,
+    pub port: u16,
+    pub admin_addr: String,
+    proc: Option<Proc>,
+}
+
+impl Proxy {
+    /// The application's connection string.
+    pub fn dsn(&self) -> String {
+        format!("postgres://app@127.0.0.1:{}/app", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+}
+
+/// A running local cluster.
+pub struct LocalCluster {
+    pub spec: ClusterSpec,
+    pub keys: Keys,
+    pub bins: Binaries,
+    pub etcd: Etcd,
+    pub coordinators: Vec<Coordinator>,
+    pub nodes: Vec<Node>,
+    pub proxies: Vec<Proxy>,
+    certs: PathBuf,
+    logs: PathBuf,
+}
+
+fn chmod_755(path: &Path) -> anyhow::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("chmod 0755 {}", path.display()))
+}
+
+fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+impl LocalCluster {
+    /// Starts everything and waits until the cluster serves through every proxy.
+    pub async fn start(spec: ClusterSpec) -> anyhow::Result<LocalCluster> {
+        anyhow::ensure!(!spec.regions.is_empty(), "at least one region is needed");
+        let bins = Binaries::locate()?;
+        let dir = spec.dir.clone();
+        std::fs::create_dir_all(dir.join("nodes"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        chmod_755(&dir)?;
+        chmod_755(&dir.join("nodes"))?;
+        let logs = dir.join("logs");
+        let certs = dir.join("certs");
+
+        let node_names: Vec<String> = spec.regions.iter().map(|r| format!("{r}-1")).collect();
+        let coord_names: Vec<String> = (1..=spec.coordinators)
+            .map(|i| format!("coord-{i}"))
+            .collect();
+        let mut pki_names: Vec<&str> = coord_names.iter().map(String::as_str).collect();
+        pki_names.extend(node_names.iter().map(String::as_str));
+        write_dev_pki(&certs, &pki_names)?;
+
+        let etcd = Etcd::start(&dir).await?;
+        let keys = Keys::new(&spec.cluster);
+        if let Some(config) = &spec.config {
+            config.validate()?;
+            let mut client = etcd.client().await?;
+            client
+                .put(keys.config(), records::encode("config", config)?, None)
+                .await?;
+        }
+
+        let mut cluster = LocalCluster {
+            spec: spec.clone(),
+            keys,
+            bins,
+            etcd,
+            coordinators: Vec::new(),
+            nodes: Vec::new(),
+            proxies: Vec::new(),
+            certs,
+            logs,
+        };
+
+        for name in &coord_names {
+            cluster.spawn_coordinator(name)?;
+        }
+
+        for (i, region) in spec.regions.iter().enumerate() {
+            let name = format!("{region}-1");
+            let node_dir = dir.join("nodes").join(&name);
+            std::fs::create_dir_all(&node_dir)?;
+            chmod_755(&node_dir)?;
+            let pg_port = free_port()?;
+            let ingress = Link::start(
+                "127.0.0.1:0".parse()?,
+                format!("127.0.0.1:{pg_port}"),
+                LinkControl::new(Duration::ZERO, Duration::ZERO),
+            )
+            .await?;
+            let etcd_link = Link::start(
+                "127.0.0.1:0".parse()?,
+                cluster.etcd.client_addr().to_owned(),
+                LinkControl::new(Duration::ZERO, Duration::ZERO),
+            )
+            .await?;
+            let pki = PkiPaths::in_dir(&cluster.certs, &name);
+            let mut args = vec![
+                s("--name"),
+                name.clone(),
+                s("--region"),
+                region.clone(),
+                s("--cluster"),
+                spec.cluster.clone(),
+                s("--etcd"),
+                format!("http://{}", etcd_link.local_addr()),
+                s("--data-dir"),
+                node_dir.join("data").to_string_lossy().into_owned(),
+                s("--pg-port"),
+                s(pg_port),
+                s("--pg-listen"),
+                s("127.0.0.1"),
+                s("--advertise-pg-addr"),
+                ingress.local_addr().to_string(),
+                s("--ca"),
+                pki.ca.to_string_lossy().into_owned(),
+                s("--cert"),
+                pki.cert.to_string_lossy().into_owned(),
+                s("--key"),
+                pki.key.to_string_lossy().into_owned(),
+                s("--lease-ttl"),
+                humantime::format_duration(spec.lease_ttl).to_string(),
+                s("--http-listen"),
+                format!("127.0.0.1:{}", free_port()?),
+            ];
+            if i == 0 {
+                args.push(s("--bootstrap"));
+            }
+            cluster.nodes.push(Node {
+                name: name.clone(),
+                region: region.clone(),
+                pg_port,
+                data_dir: node_dir.join("data"),
+                initial_role: if i == 0 { "primary" } else { "replica" },
+                ingress,
+                etcd_link,
+                agent_args: args,
+                agent: None,
+            });
+            cluster.start_agent(&name)?;
+        }
+
+        let deadline = spec.ready_timeout;
+        let first = node_names[0].clone();
+        cluster
+            .wait_leader(deadline, "the first node to be the serving leader", |l| {
+                l.node == first && l.is_serving()
+            })
+            .await
+            .map_err(|e| cluster.explain(e))?;
+        cluster
+            .create_app_database()
+            .await
+            .map_err(|e| cluster.explain(e))?;
+        for name in node_names.iter().skip(1) {
+            cluster
+                .wait_streaming(name, deadline)
+                .await
+                .map_err(|e| cluster.explain(e))?;
+        }
+        for region in spec.regions.clone() {
+            cluster.spawn_proxy(&region)?;
+        }
+        for i in 0..cluster.proxies.len() {
+            let dsn = cluster.proxies[i].dsn();
+            eventually(deadline, &format!("a write through {dsn}"), || {
+                let dsn = dsn.clone();
+                async move {
+                    let client = connect(&dsn).await?;
+                    client
+                        .simple_query("CREATE TABLE IF NOT EXISTS meridian_launcher_check (x int)")
+                        .await?;
+                    Ok(())
+                }
+            })
+            .await
+            .map_err(|e| cluster.explain(e))?;
+        }
+        cluster.write_cluster_file()?;
+        Ok(cluster)
+    }
+
+    fn spawn_coordinator(&mut self, name: &str) -> anyhow::Result<()> {
+        let admin_addr = format!("127.0.0.1:{}", free_port()?);
+        let http_addr = format!("127.0.0.1:{}", free_port()?);
+        let quic_addr = format!("127.0.0.1:{}", free_port()?);
+        let pki = PkiPaths::in_dir(&self.certs, name);
+        let args = vec![
+            s("--name"),
+            s(name),
+            s("--cluster"),
+            self.spec.cluster.clone(),
+            s("--etcd"),
+            self.etcd.client_url().to_owned(),
+            s("--quic-listen"),
+            quic_addr,
+            s("--admin-listen"),
+            admin_addr.clone(),
+            s("--http-listen"),
+            http_addr.clone(),
+            s("--ca"),
+            pki.ca.to_string_lossy().into_owned(),
+            s("--cert"),
+            pki.cert.to_string_lossy().into_owned(),
+            s("--key"),
+            pki.key.to_string_lossy().into_owned(),
+        ];
+        let proc = Proc::spawn(
+            name,
+            &self.bins.coordinator,
+            &args,
+            &[],
+            &self.logs.join(format!("{name}.log")),
+        )?;
+        self.coordinators.push(Coordinator {
+            name: name.to_owned(),
+            admin_addr,
+            http_addr,
+            proc: Some(proc),
+        });
+        Ok(())
+    }
+
+    fn spawn_proxy(&mut self, region: &str) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let admin_addr = format!("127.0.0.1:{}", free_port()?);
+        let args = vec![
+            s("--listen"),
+            format!("127.0.0.1:{port}"),
+            s("--admin-listen"),
+            admin_addr.clone(),
+            s("--auth"),
+            s("trust"),
+            s("--etcd"),
+            self.etcd.client_url().to_owned(),
+            s("--cluster"),
+            self.spec.cluster.clone(),
+            s("--region"),
+            s(region),
+        ];
+        let name = format!("pgproxy-{region}");
+        let proc = Proc::spawn(
+            &name,
+            &self.bins.pgproxy,
+            &args,
+            &[],
+            &self.logs.join(format!("{name}.log")),
+        )?;
+        self.proxies.push(Proxy {
+            region: region.to_owned(),
+            port,
+            admin_addr,
+            proc: Some(proc),
+        });
+        Ok(())
+    }
+
+    /// Starts (or restarts) a node's agent with its original arguments.
+    pub fn start_agent(&mut self, node: &str) -> anyhow::Result<u32> {
+        let logs = self.logs.clone();
+        let program = self.bins.agent.clone();
+        let n = self.node_mut(node)?;
+        anyhow::ensure!(n.agent.is_none(), "the agent of {node} is already running");
+        let proc = Proc::spawn(
+            &format!("agent-{node}"),
+            &program,
+            &n.agent_args,
+            &[],
+            &logs.join(format!("agent-{node}.log")),
+        )?;
+        let pid = proc.pid();
+        n.agent = Some(proc);
+        Ok(pid)
+    }
+
+    /// `kill -9` of a node's agent only (its Postgres keeps running).
+    pub async fn kill_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let n = self.node_mut(node)?;
+        match n.agent.as_mut() {
+            Some(p) => p.kill9().await,
+            None => bail!("the agent of {node} is not running"),
+        }
+        n.agent = None;
+        Ok(())
+    }
+
+    /// `kill -9` of a node's postmaster; returns its PID.
+    pub fn kill_postmaster(&self, node: &str) -> anyhow::Result<u32> {
+        let n = self.node(node)?;
+        let pid = n
+            .postmaster_pid()
+            .with_context(|| format!("{node} has no running postmaster"))?;
+        signal(pid, Signal::SIGKILL);
+        Ok(pid)
+    }
+
+    /// `kill -9` of a coordinator.
+    pub async fn kill_coordinator(&mut self, name: &str) -> anyhow::Result<()> {
+        let c = self
+            .coordinators
+            .iter_mut()
+            .find(|c| c.name == name)
+            .with_context(|| format!("no coordinator {name}"))?;
+        if let Some(p) = c.proc.as_mut() {
+            p.kill9().await;
+        }
+        c.proc = None;
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> anyhow::Result<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+
+    fn node_mut(&mut self, name: &str) -> anyhow::Result<&mut Node> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+
+    pub fn proxy(&self, region: &str) -> anyhow::Result<&Proxy> {
+        self.proxies
+            .iter()
+            .find(|p| p.region == region)
+            .with_context(|| format!("no proxy in region {region}"))
+    }
+
+    pub async fn etcd_client(&self) -> anyhow::Result<etcd_client::Client> {
+        self.etcd.client().await
+    }
+
+    /// The `leader` record, if any.
+    pub async fn leader(&self) -> anyhow::Result<Option<LeaderRecord>> {
+        let mut client = self.etcd_client().await?;
+        let resp = client.get(self.keys.leader(), None).await?;
+        match resp.kvs().first() {
+            None => Ok(None),
+            Some(kv) => Ok(Some(records::decode("leader", kv.value())?)),
+        }
+    }
+
+    /// The active coordinator's record, from the etcd election.
+    pub async fn active_coordinator(&self) -> anyhow::Result<CoordinatorRecord> {
+        let mut client = self.etcd_client().await?;
+        let resp = client
+            .leader(self.keys.coordinator_election())
+            .await
+            .context("no coordinator is elected")?;
+        let kv = resp.kv().context("no coordinator is elected")?;
+        Ok(serde_json::from_slice(kv.value())?)
+    }
+
+    /// Waits until the leader record satisfies `pred`; returns it.
+    pub async fn wait_leader(
+        &self,
+        deadline: Duration,
+        what: &str,
+        pred: impl Fn(&LeaderRecord) -> bool,
+    ) -> anyhow::Result<LeaderRecord> {
+        let pred = &pred;
+        eventually(deadline, what, || async move {
+            match self.leader().await? {
+                Some(l) if pred(&l) => Ok(l),
+                other => bail!("leader is {other:?}"),
+            }
+        })
+        .await
+    }
+
+    /// Waits until `node` runs as a standby whose WAL receiver streams.
+    pub async fn wait_streaming(&self, node: &str, deadline: Duration) -> anyhow::Result<()> {
+        let dsn = self.node(node)?.direct_dsn("postgres");
+        eventually(deadline, &format!("{node} to stream"), || {
+            let dsn = dsn.clone();
+            async move {
+                let c = connect(&dsn).await?;
+                let row = c
+                    .query_opt("SELECT status FROM pg_stat_wal_receiver", &[])
+                    .await?;
+                let status: Option<String> = row.map(|r| r.get(0));
+                anyhow::ensure!(status.as_deref() == Some("streaming"), "{status:?}");
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn create_app_database(&self) -> anyhow::Result<()> {
+        let leader = self.leader().await?.context("no leader")?;
+        let dsn = self.node(&leader.node)?.direct_dsn("postgres");
+        let c = connect(&dsn).await?;
+        let exists = c
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = 'app'", &[])
+            .await?
+            .is_some();
+        if !exists {
+            c.batch_execute("CREATE ROLE app LOGIN").await?;
+        }
+        let db = c
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = 'app'", &[])
+            .await?
+            .is_some();
+        if !db {
+            c.batch_execute("CREATE DATABASE app OWNER app").await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `meridianctl --dir DIR ARGS…`; returns stdout, or an error with stderr.
+    pub async fn meridianctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = tokio::process::Command::new(&self.bins.meridianctl)
+            .arg("--dir")
+            .arg(&self.spec.dir)
+            .args(args)
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(
+            out.status.success(),
+            "meridianctl {args:?} failed ({}): {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(stdout)
+    }
+
+    /// The description written to `DIR/cluster.json`.
+    pub fn cluster_file(&self) -> ClusterFile {
+        ClusterFile {
+            cluster: self.spec.cluster.clone(),
+            etcd: vec![self.etcd.client_url().to_owned()],
+            coordinators: self
+                .coordinators
+                .iter()
+                .map(|c| CoordinatorEntry {
+                    name: c.name.clone(),
+                    admin_addr: c.admin_addr.clone(),
+                    pid: c.pid().unwrap_or(0),
+                })
+                .collect(),
+            regions: self
+                .proxies
+                .iter()
+                .map(|p| RegionEntry {
+                    name: p.region.clone(),
+                    proxy_dsn: p.dsn(),
+                    proxy_pid: p.pid().unwrap_or(0),
+                })
+                .collect(),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| NodeEntry {
+                    name: n.name.clone(),
+                    region: n.region.clone(),
+                    pg_port: n.pg_port,
+                    postmaster_pid: n.postmaster_pid().unwrap_or(0),
+                    agent_pid: n.agent_pid().unwrap_or(0),
+                    initial_role: n.initial_role.to_owned(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn write_cluster_file(&self) -> anyhow::Result<()> {
+        let path = self.spec.dir.join("cluster.json");
+        let json = serde_json::to_string_pretty(&self.cluster_file())?;
+        std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The last lines of every log, for a failed test or start.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let mut paths: BTreeMap<String, PathBuf> = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(&self.logs) {
+            for e in entries.flatten() {
+                paths.insert(e.file_name().to_string_lossy().into_owned(), e.path());
+            }
+        }
+        for n in &self.nodes {
+            for f in ["postgresql.log", "log/postgresql.log"] {
+                let p = n.data_dir.join(f);
+                if p.exists() {
+                    paths.insert(format!("{} {f}", n.name), p);
+                }
+            }
+        }
+        for (name, path) in paths {
+            out.push_str(&format!("\n----- {name} -----\n{}\n", tail(&path, lines)));
+        }
+        out
+    }
+
+    fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        e.context(format!("local cluster logs:{}", self.log_tails(30)))
+    }
+
+    /// Stops everything: proxies, coordinators, agents (which stop their
+    /// Postgres), leftover postmasters, etcd.
+    pub async fn stop(&mut self) {
+        let grace = Duration::from_secs(10);
+        for p in &mut self.proxies {
+            if let Some(mut proc) = p.proc.take() {
+                proc.terminate(grace).await;
+            }
+        }
+        for n in &mut self.nodes {
+            if let Some(mut proc) = n.agent.take() {
+                proc.terminate(grace).await;
+            }
+        }
+        for c in &mut self.coordinators {
+            if let Some(mut proc) = c.proc.take() {
+                proc.terminate(grace).await;
+            }
+        }
+        for n in &self.nodes {
+            if let Some(pid) = n.postmaster_pid() {
+                signal(pid, Signal::SIGQUIT);
+            }
+        }
+        self.etcd.stop().await;
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // Proc's own Drop kills agents, coordinators, proxies and etcd; the
+        // postmasters are not our direct children.
+        for n in &self.nodes {
+            if let Some(pid) = n.postmaster_pid() {
+                signal(pid, Signal::SIGQUIT);
+            }
+        }
+    }
+}
+
+/// Connects with tokio-postgres (no TLS) and drives the connection.
+pub async fn connect(dsn: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {dsn}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
