@@ -117,6 +117,7 @@ pub struct Coordinator {
     pub name: String,
     pub admin_addr: String,
     pub http_addr: String,
+    args: Vec<String>,
     proc: Option<Proc>,
 }
 
@@ -343,20 +344,31 @@ impl LocalCluster {
             s("--key"),
             pki.key.to_string_lossy().into_owned(),
         ];
-        let proc = Proc::spawn(
-            name,
-            &self.bins.coordinator,
-            &args,
-            &[],
-            &self.logs.join(format!("{name}.log")),
-        )?;
         self.coordinators.push(Coordinator {
             name: name.to_owned(),
             admin_addr,
             http_addr,
-            proc: Some(proc),
+            args,
+            proc: None,
         });
+        self.restart_coordinator(name)?;
         Ok(())
+    }
+
+    /// Starts a stopped (or killed) coordinator again with its original arguments.
+    pub fn restart_coordinator(&mut self, name: &str) -> anyhow::Result<u32> {
+        let program = self.bins.coordinator.clone();
+        let log = self.logs.join(format!("{name}.log"));
+        let c = self
+            .coordinators
+            .iter_mut()
+            .find(|c| c.name == name)
+            .with_context(|| format!("no coordinator {name}"))?;
+        anyhow::ensure!(c.proc.is_none(), "coordinator {name} is running");
+        let proc = Proc::spawn(name, &program, &c.args, &[], &log)?;
+        let pid = proc.pid();
+        c.proc = Some(proc);
+        Ok(pid)
     }
 
     fn spawn_proxy(&mut self, region: &str) -> anyhow::Result<()> {
