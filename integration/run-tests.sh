@@ -16,53 +16,19 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 say() { printf '\n==> %s\n' "$*"; }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        echo "need root (or sudo) for: $*" >&2
-        return 1
-    fi
-}
-
-packages=(
-    postgresql-15 postgresql-client-15 pgbouncer etcd-server redis-server haproxy
-    protobuf-compiler libprotobuf-dev
-)
-
-installed() {
-    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
-}
-
-if [ "${MERIDIAN_SKIP_APT:-0}" != 1 ]; then
-    missing=()
-    for p in "${packages[@]}"; do
-        installed "$p" || missing+=("$p")
-    done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        say "installing ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        as_root apt-get update
-        as_root apt-get install -y --no-install-recommends "${missing[@]}"
-    else
-        say "Debian packages present"
-    fi
-fi
-
-# PostgreSQL refuses to run as root: the tests run it as this user.
-if [ "$(id -u)" -eq 0 ] && ! id -u postgres >/dev/null 2>&1; then
-    say "creating the postgres OS user"
-    useradd --system --user-group --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin postgres
-fi
+# Debian packages and the postgres OS user (shared with local-up.sh).
+source integration/install-deps.sh
 
 say "cargo fmt --check"
 cargo fmt --all -- --check
 
 say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+
+# The end-to-end tests run the programs themselves (agent, coordinator,
+# pgproxy, meridianctl), found next to the test binaries.
+say "cargo build --workspace --bins"
+cargo build --workspace --bins
 
 if cargo nextest --version >/dev/null 2>&1; then
     say "cargo nextest run"
