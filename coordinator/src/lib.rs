@@ -8,8 +8,15 @@
 //! modules decide.
 
 pub mod admin;
+pub mod commands;
 pub mod control;
+pub mod ctl;
+pub mod daemon;
 pub mod detector;
 pub mod http;
+pub mod observe;
 pub mod planner;
+pub mod probe;
+pub mod quic;
+pub mod store;
 pub mod sync;

@@ -413,6 +413,9 @@ impl FailoverPlan {
 pub struct NodeObservation {
     /// Heartbeating (fresh report) and its PostgreSQL up.
     pub healthy: bool,
+    /// Its agent is heartbeating (fresh report), whether or not its PostgreSQL is up:
+    /// it can receive commands (`Fence`, `Follow`).
+    pub reachable: bool,
     pub role: Role,
     pub epoch_seen: Epoch,
     pub timeline: u32,
@@ -565,7 +568,9 @@ fn decide(plan: &FailoverPlan, obs: &Observations) -> (Step, Action) {
             record: plan.failing_over_record(obs.now_ms),
         },
         Step::AwaitFence => {
-            let old_reachable = obs.nodes.get(&plan.old.node).is_some_and(|n| n.healthy);
+            // The agent, not its Postgres, must be reachable: a crashed postmaster under
+            // a live agent keeps its lease alive, so only a Fence ack can prove fencing.
+            let old_reachable = obs.nodes.get(&plan.old.node).is_some_and(|n| n.reachable);
             if old_reachable || plan.kind == PlanKind::Switchover {
                 Action::SendFence {
                     node: plan.old.node.clone(),
@@ -618,7 +623,9 @@ fn decide(plan: &FailoverPlan, obs: &Observations) -> (Step, Action) {
     (step, action)
 }
 
-/// Reachable nodes other than the candidate that do not yet follow it in this epoch.
+/// Reachable nodes (agent heartbeating, Postgres up or not: a crashed former
+/// primary is rebuilt by its agent on `Follow`) other than the candidate that do
+/// not yet follow it in this epoch.
 /// The old primary is told to follow too but not waited for (it may need a rewind;
 /// its agent also rejoins by itself when it sees it is not the leader of the epoch).
 fn pending_followers(plan: &FailoverPlan, obs: &Observations) -> Vec<String> {
@@ -633,7 +640,7 @@ fn not_following(
     nodes
         .iter()
         .filter(|(name, _)| name.as_str() != leader)
-        .filter(|(_, n)| n.healthy)
+        .filter(|(_, n)| n.reachable)
         .filter(|(_, n)| {
             !(n.role == Role::Replica
                 && n.epoch_seen >= epoch
@@ -987,6 +994,7 @@ mod tests {
     fn replica_obs(upstream: &str, epoch: u64) -> NodeObservation {
         NodeObservation {
             healthy: true,
+            reachable: true,
             role: Role::Replica,
             epoch_seen: Epoch(epoch),
             timeline: 1,
@@ -1025,6 +1033,7 @@ mod tests {
             "old".to_string(),
             NodeObservation {
                 healthy: false,
+                reachable: false,
                 role: Role::Primary,
                 epoch_seen: Epoch(4),
                 timeline: 1,
@@ -1163,7 +1172,9 @@ mod tests {
     fn reachable_old_agent_is_fenced_by_command_and_told_to_follow() {
         let mut plan = plan();
         let mut obs = initial_obs();
-        obs.nodes.get_mut("old").unwrap().healthy = true;
+        let old = obs.nodes.get_mut("old").unwrap();
+        old.healthy = true;
+        old.reachable = true;
         let actions = run(&mut plan, &mut obs);
         assert_eq!(
             kinds(&actions),
@@ -1298,7 +1309,9 @@ mod tests {
         let mut obs = initial_obs();
         apply(&plan.advance(&obs), &mut obs);
         apply(&plan.advance(&obs), &mut obs);
-        obs.nodes.get_mut("cand").unwrap().healthy = false;
+        let cand = obs.nodes.get_mut("cand").unwrap();
+        cand.healthy = false;
+        cand.reachable = false;
         assert_eq!(
             plan.advance(&obs),
             Action::Replan {
@@ -1318,7 +1331,9 @@ mod tests {
             node_ref("cand"),
         );
         let mut obs = initial_obs();
-        obs.nodes.get_mut("old").unwrap().healthy = true;
+        let old = obs.nodes.get_mut("old").unwrap();
+        old.healthy = true;
+        old.reachable = true;
         apply(&plan.advance(&obs), &mut obs);
         assert!(matches!(plan.advance(&obs), Action::SendFence { .. }));
         obs.fence_acked = true;
@@ -1361,7 +1376,9 @@ mod tests {
         let mut obs = initial_obs();
         let mut leader = plan().serving_record(2, 9);
         leader.pg_addr = "cand:5432".into();
-        obs.nodes.get_mut("old").unwrap().healthy = true;
+        let old = obs.nodes.get_mut("old").unwrap();
+        old.healthy = true;
+        old.reachable = true;
         obs.nodes.insert("cand".into(), replica_obs("x", 5));
         obs.nodes.insert("done".into(), replica_obs("cand", 5));
         assert_eq!(
@@ -1384,9 +1401,55 @@ mod tests {
     fn unreachable_replicas_are_not_waited_for() {
         let mut plan = plan();
         let mut obs = initial_obs();
-        obs.nodes.get_mut("other").unwrap().healthy = false;
+        let other = obs.nodes.get_mut("other").unwrap();
+        other.healthy = false;
+        other.reachable = false;
         let actions = run(&mut plan, &mut obs);
         assert_eq!(kinds(&actions), ["mark", "lease", "promote", "publish"]);
+    }
+
+    #[test]
+    fn crashed_postgres_under_a_live_agent_is_fenced_by_command_not_lease() {
+        // kill -9 of the postmaster: the agent heartbeats on (pg_up = false) and
+        // keeps its lease alive, so waiting for the lease would wait forever.
+        let mut plan = plan();
+        let mut obs = initial_obs();
+        let old = obs.nodes.get_mut("old").unwrap();
+        old.healthy = false;
+        old.reachable = true;
+        apply(&plan.advance(&obs), &mut obs);
+        assert_eq!(
+            plan.advance(&obs),
+            Action::SendFence {
+                node: "old".into(),
+                epoch: Epoch(5)
+            }
+        );
+        let actions = run(&mut plan, &mut obs);
+        assert_eq!(kinds(&actions), ["fence", "promote", "publish", "follow"]);
+        // The old node (Postgres down, agent up) is told to follow, so it rejoins.
+        match &actions[3] {
+            Action::SendFollow { nodes, .. } => assert!(nodes.contains(&"old".to_string())),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reconcile_includes_reachable_nodes_whose_postgres_is_down() {
+        let leader = plan().serving_record(2, 9);
+        let mut nodes = BTreeMap::new();
+        let mut down = replica_obs("old", 4);
+        down.healthy = false;
+        down.role = Role::Unknown;
+        nodes.insert("old".to_string(), down);
+        let mut gone = replica_obs("old", 4);
+        gone.healthy = false;
+        gone.reachable = false;
+        nodes.insert("gone".to_string(), gone);
+        match reconcile_followers(&leader, &nodes) {
+            Some(Action::SendFollow { nodes, .. }) => assert_eq!(nodes, vec!["old".to_string()]),
+            other => panic!("{other:?}"),
+        }
     }
 
     // ---------- property: crashes, lost messages and lease/agent noise ----------
@@ -1426,7 +1489,9 @@ mod tests {
     impl Sim {
         fn new(old_reachable: bool) -> Self {
             let mut obs = initial_obs();
-            obs.nodes.get_mut("old").unwrap().healthy = old_reachable;
+            let old = obs.nodes.get_mut("old").unwrap();
+            old.healthy = old_reachable;
+            old.reachable = old_reachable;
             Sim {
                 obs,
                 plan: Some(plan()),
@@ -1486,7 +1551,7 @@ mod tests {
             }
             match action {
                 Action::SendFence { .. } => {
-                    if self.obs.nodes["old"].healthy {
+                    if self.obs.nodes["old"].reachable {
                         self.fence_received = true;
                     }
                 }
@@ -1506,6 +1571,7 @@ mod tests {
                 Event::ToggleOldAgent => {
                     let old = self.obs.nodes.get_mut("old").unwrap();
                     old.healthy = !old.healthy;
+                    old.reachable = old.healthy;
                 }
                 Event::FenceAck => {
                     if self.fence_received {
