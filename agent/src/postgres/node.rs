@@ -103,10 +103,22 @@ fn signal_name(sig: Signal) -> &'static str {
     sig.as_str()
 }
 
+/// Whether `pid` runs: it exists and is not a zombie (a postmaster that died
+/// while its parent, not us, has not reaped it yet is not running).
 fn pid_alive(pid: u32) -> bool {
-    i32::try_from(pid)
+    let exists = i32::try_from(pid)
         .map(|p| kill(Pid::from_raw(p), None).is_ok())
-        .unwrap_or(false)
+        .unwrap_or(false);
+    exists
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| parse_stat_state(&stat) != Some('Z'))
+            .unwrap_or(true)
+}
+
+/// The state letter in the text of `/proc/<pid>/stat` (`R`, `S`, `Z`...).
+pub fn parse_stat_state(stat: &str) -> Option<char> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().next()?.chars().next()
 }
 
 /// The parent pid in the text of `/proc/<pid>/stat` (`pid (comm) state ppid ...`;
@@ -785,6 +797,32 @@ mod tests {
         );
         assert_eq!(parse_stat_ppid("44 (a b) R"), None);
         assert_eq!(parse_stat_ppid("garbage"), None);
+    }
+
+    #[test]
+    fn stat_state_is_read_after_the_command_name() {
+        assert_eq!(parse_stat_state("42 (postgres) Z 17 42"), Some('Z'));
+        assert_eq!(parse_stat_state("43 (a) b) S 1"), Some('S'));
+        assert_eq!(parse_stat_state("garbage"), None);
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Wait until it has exited but is not reaped yet.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| parse_stat_state(&s))
+            != Some('Z')
+        {
+            assert!(std::time::Instant::now() < deadline, "child never exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!pid_alive(pid));
+        child.wait().unwrap();
+        assert!(pid_alive(std::process::id()));
     }
 
     #[test]

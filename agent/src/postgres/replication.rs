@@ -70,3 +70,93 @@ pub async fn wait_replay(replica: &PgNode, lsn: Lsn, timeout: Duration) -> Resul
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Brings a data directory that did not shut down cleanly to a clean
+/// shutdown state (pg_rewind's precondition): `postgres --single` with stdin
+/// from /dev/null runs crash recovery, a shutdown checkpoint, and exits. A
+/// clean directory is left alone. `standby.signal` must be gone (single-user
+/// mode refuses standby mode). Retried a few times: right after a crash the
+/// old postmaster's children may still hold its shared memory for a moment.
+pub async fn crash_recover(node: &PgNode) -> Result<(), PgError> {
+    let control = node.controldata().await?;
+    if control.state.is_clean_shutdown() {
+        return Ok(());
+    }
+    tracing::info!(node = %node.name(), state = ?control.state, "crash recovery (single-user mode)");
+    let mut last = None;
+    for attempt in 0..5u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(300 * u64::from(attempt))).await;
+        }
+        let mut cmd = node.command("postgres");
+        cmd.arg("--single")
+            .arg("-D")
+            .arg(node.data_dir())
+            .arg("postgres");
+        match tokio::time::timeout(Duration::from_secs(300), node.run("postgres --single", cmd))
+            .await
+        {
+            Ok(Ok(_)) => {
+                let after = node.controldata().await?;
+                if after.state.is_clean_shutdown() {
+                    return Ok(());
+                }
+                last = Some(PgError::Parse {
+                    what: "pg_controldata after crash recovery",
+                    detail: format!("state is {:?}", after.state),
+                });
+            }
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                return Err(PgError::Timeout {
+                    what: format!("crash recovery of node {}", node.name()),
+                    after: Duration::from_secs(300),
+                    last: "postgres --single still running".into(),
+                })
+            }
+        }
+    }
+    Err(last.unwrap_or(PgError::Parse {
+        what: "crash recovery",
+        detail: "no attempt made".into(),
+    }))
+}
+
+/// `pg_rewind` of the (stopped, cleanly shut down) data directory from the
+/// running server `source` names (a conninfo with `dbname`). pg_rewind copies
+/// the source's configuration files too: write the node's own configuration
+/// afterwards (e.g. with [`PgNode::make_standby`]).
+pub async fn rewind(node: &PgNode, source: &Conninfo) -> Result<(), PgError> {
+    let mut cmd = node.command("pg_rewind");
+    cmd.arg("-D")
+        .arg(node.data_dir())
+        .arg(format!("--source-server={source}"));
+    if !node.settings().fsync {
+        cmd.arg("--no-sync");
+    }
+    let out = tokio::time::timeout(Duration::from_secs(600), cmd.output())
+        .await
+        .map_err(|_| PgError::Timeout {
+            what: format!("pg_rewind of node {}", node.name()),
+            after: Duration::from_secs(600),
+            last: String::new(),
+        })?
+        .map_err(|source| PgError::Io {
+            context: "running pg_rewind".into(),
+            source,
+        })?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        return Err(PgError::CommandFailed {
+            program: "pg_rewind".into(),
+            status: out.status.to_string(),
+            stderr: super::node::tail_lines(&text, 20),
+        });
+    }
+    tracing::info!(node = %node.name(), output = %text.trim(), "pg_rewind done");
+    Ok(())
+}

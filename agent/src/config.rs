@@ -1,0 +1,333 @@
+//! The agent's command line (every flag also from `MERIDIAN_AGENT_<FLAG>`), and
+//! its validation into an [`AgentConfig`] with errors that name the flag.
+//!
+//! Stopping the agent (SIGTERM/SIGINT) stops its PostgreSQL node too: the agent
+//! is the node's supervisor, so a process manager that stops the agent stops the node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use meridian_shared::keys::validate_name;
+use meridian_shared::pki::PkiPaths;
+use meridian_shared::records::MemberTags;
+
+/// `meridian-agent`: the sidecar of one PostgreSQL node.
+///
+/// Supervises the node's postmaster (bootstrap, clone, promote, follow with
+/// pg_rewind, fence), holds the node's etcd member lease (and stops a primary
+/// before the lease can expire), and heartbeats to the active coordinator over
+/// QUIC, executing its commands. SIGTERM/SIGINT: stop heartbeating, revoke the
+/// lease, stop PostgreSQL (fast) and exit 0 — stopping the agent stops the node.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "meridian-agent", version, about, long_about)]
+pub struct Args {
+    /// Node name, unique in the cluster (also its replication slot, with `-` → `_`).
+    #[arg(long, env = "MERIDIAN_AGENT_NAME")]
+    pub name: String,
+    /// Region of the node.
+    #[arg(long, env = "MERIDIAN_AGENT_REGION")]
+    pub region: String,
+    /// Cluster name (etcd prefix `/meridian/<cluster>/`).
+    #[arg(long, env = "MERIDIAN_AGENT_CLUSTER", default_value = "meridian")]
+    pub cluster: String,
+    /// etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379).
+    #[arg(
+        long,
+        env = "MERIDIAN_AGENT_ETCD",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub etcd: Vec<String>,
+    /// PostgreSQL data directory (created, owned by --os-user, mode 0700).
+    #[arg(long, env = "MERIDIAN_AGENT_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// PostgreSQL port.
+    #[arg(long, env = "MERIDIAN_AGENT_PG_PORT", default_value_t = 5432)]
+    pub pg_port: u16,
+    /// PostgreSQL listen_addresses.
+    #[arg(long, env = "MERIDIAN_AGENT_PG_LISTEN", default_value = "127.0.0.1")]
+    pub pg_listen: String,
+    /// host:port others use to reach this node's PostgreSQL (members/<node>.pg_addr).
+    /// Default: --pg-listen:--pg-port.
+    #[arg(long, env = "MERIDIAN_AGENT_ADVERTISE_PG_ADDR")]
+    pub advertise_pg_addr: Option<String>,
+    /// Directory of the PostgreSQL server programs. Default: `pg_config --bindir`,
+    /// else /usr/lib/postgresql/15/bin.
+    #[arg(long, env = "MERIDIAN_AGENT_PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
+    /// OS user PostgreSQL runs as when the agent runs as root (created if missing).
+    #[arg(long, env = "MERIDIAN_AGENT_OS_USER", default_value = "postgres")]
+    pub os_user: String,
+    /// Cluster CA certificate (PEM) for the QUIC link.
+    #[arg(long, env = "MERIDIAN_AGENT_CA")]
+    pub ca: PathBuf,
+    /// This agent's certificate (PEM), signed by the cluster CA.
+    #[arg(long, env = "MERIDIAN_AGENT_CERT")]
+    pub cert: PathBuf,
+    /// This agent's private key (PEM).
+    #[arg(long, env = "MERIDIAN_AGENT_KEY")]
+    pub key: PathBuf,
+    /// May initdb a new cluster when etcd has no leader and the data dir is empty
+    /// (and start an existing primary data dir when etcd has no leader).
+    #[arg(long, env = "MERIDIAN_AGENT_BOOTSTRAP")]
+    pub bootstrap: bool,
+    /// TTL of the etcd member lease (whole seconds).
+    #[arg(long, env = "MERIDIAN_AGENT_LEASE_TTL", default_value = "3s")]
+    pub lease_ttl: humantime::Duration,
+    /// A primary whose lease was not renewed for lease-ttl minus this stops its
+    /// PostgreSQL (immediate) before the lease can expire.
+    #[arg(long, env = "MERIDIAN_AGENT_FENCE_MARGIN", default_value = "1s")]
+    pub fence_margin: humantime::Duration,
+    /// Heartbeat period (etcd `config.heartbeat_interval` wins when set).
+    #[arg(
+        long,
+        env = "MERIDIAN_AGENT_HEARTBEAT_INTERVAL",
+        default_value = "100ms"
+    )]
+    pub heartbeat_interval: humantime::Duration,
+    /// Never promote this node (member tag).
+    #[arg(long, env = "MERIDIAN_AGENT_NOFAILOVER")]
+    pub nofailover: bool,
+    /// Failover tie-breaker among equal candidates, higher wins (member tag). Default none.
+    #[arg(long, env = "MERIDIAN_AGENT_PRIORITY")]
+    pub priority: Option<u32>,
+    /// HTTP address for GET /health and GET /metrics (e.g. 127.0.0.1:8008). Default: off.
+    #[arg(long, env = "MERIDIAN_AGENT_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Extra PostgreSQL setting NAME=VALUE for meridian.conf, repeatable (comma-separated
+    /// in the environment), e.g. fsync=off. Written last, so it wins.
+    #[arg(long, env = "MERIDIAN_AGENT_PG_SETTING", value_delimiter = ',')]
+    pub pg_setting: Vec<String>,
+    /// Extra pg_hba.conf line, repeatable (`;`-separated in the environment), placed
+    /// before the default lines (which trust loopback only, replication included),
+    /// e.g. "host all,replication all 10.0.0.0/8 scram-sha-256".
+    #[arg(long, env = "MERIDIAN_AGENT_PG_HBA", value_delimiter = ';')]
+    pub pg_hba: Vec<String>,
+}
+
+/// A flag has an unusable value.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{flag}: {message}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+fn invalid(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        message: message.into(),
+    }
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub name: String,
+    pub region: String,
+    pub cluster: String,
+    pub etcd: Vec<String>,
+    pub data_dir: PathBuf,
+    pub pg_port: u16,
+    pub pg_listen: String,
+    pub pg_addr: String,
+    pub pg_bin_dir: Option<PathBuf>,
+    pub os_user: String,
+    pub pki: PkiPaths,
+    pub bootstrap: bool,
+    pub lease_ttl: Duration,
+    pub fence_margin: Duration,
+    pub heartbeat_interval: Duration,
+    pub tags: MemberTags,
+    pub http_listen: Option<SocketAddr>,
+    pub pg_settings: Vec<(String, String)>,
+    pub pg_hba: Vec<String>,
+}
+
+impl AgentConfig {
+    /// Validates the command line.
+    pub fn from_args(args: Args) -> Result<AgentConfig, ConfigError> {
+        validate_name(&args.name).map_err(|e| invalid("name", e.to_string()))?;
+        validate_name(&args.cluster).map_err(|e| invalid("cluster", e.to_string()))?;
+        if args.region.trim().is_empty() {
+            return Err(invalid("region", "must not be empty"));
+        }
+        if args.etcd.iter().all(|e| e.trim().is_empty()) {
+            return Err(invalid("etcd", "at least one endpoint is required"));
+        }
+        let lease_ttl: Duration = args.lease_ttl.into();
+        if lease_ttl < Duration::from_secs(1) || lease_ttl.subsec_nanos() != 0 {
+            return Err(invalid(
+                "lease-ttl",
+                format!("{lease_ttl:?}: must be whole seconds, at least 1s"),
+            ));
+        }
+        let fence_margin: Duration = args.fence_margin.into();
+        if fence_margin >= lease_ttl {
+            return Err(invalid(
+                "fence-margin",
+                format!("{fence_margin:?} must be below --lease-ttl {lease_ttl:?}"),
+            ));
+        }
+        let heartbeat_interval: Duration = args.heartbeat_interval.into();
+        if heartbeat_interval < Duration::from_millis(10) || heartbeat_interval > lease_ttl {
+            return Err(invalid(
+                "heartbeat-interval",
+                format!("{heartbeat_interval:?}: must be between 10ms and --lease-ttl"),
+            ));
+        }
+        let pg_addr = match args.advertise_pg_addr {
+            Some(addr) => {
+                let ok = addr
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                if !ok {
+                    return Err(invalid(
+                        "advertise-pg-addr",
+                        format!("{addr:?} is not host:port"),
+                    ));
+                }
+                addr
+            }
+            None => {
+                let first = args.pg_listen.split(',').next().unwrap_or("").trim();
+                let host = match first {
+                    "" | "*" | "0.0.0.0" => "127.0.0.1",
+                    "::" => "::1",
+                    other => other,
+                };
+                format!("{host}:{}", args.pg_port)
+            }
+        };
+        let mut pg_settings = Vec::new();
+        for setting in &args.pg_setting {
+            let Some((k, v)) = setting.split_once('=') else {
+                return Err(invalid(
+                    "pg-setting",
+                    format!("{setting:?} is not NAME=VALUE"),
+                ));
+            };
+            if k.trim().is_empty() {
+                return Err(invalid("pg-setting", format!("{setting:?} has no name")));
+            }
+            pg_settings.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+        Ok(AgentConfig {
+            name: args.name,
+            region: args.region,
+            cluster: args.cluster,
+            etcd: args
+                .etcd
+                .into_iter()
+                .filter(|e| !e.trim().is_empty())
+                .collect(),
+            data_dir: args.data_dir,
+            pg_port: args.pg_port,
+            pg_listen: args.pg_listen,
+            pg_addr,
+            pg_bin_dir: args.pg_bin_dir,
+            os_user: args.os_user,
+            pki: PkiPaths {
+                ca: args.ca,
+                cert: args.cert,
+                key: args.key,
+            },
+            bootstrap: args.bootstrap,
+            lease_ttl,
+            fence_margin,
+            heartbeat_interval,
+            tags: MemberTags {
+                nofailover: args.nofailover,
+                nosync: false,
+                priority: args.priority,
+            },
+            http_listen: args.http_listen,
+            pg_settings,
+            pg_hba: args
+                .pg_hba
+                .iter()
+                .map(|l| l.trim().to_owned())
+                .filter(|l| !l.is_empty())
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<AgentConfig, String> {
+        let mut argv = vec![
+            "meridian-agent",
+            "--name",
+            "n1",
+            "--region",
+            "us-east",
+            "--etcd",
+            "http://127.0.0.1:2379",
+            "--data-dir",
+            "/tmp/d",
+            "--ca",
+            "ca.pem",
+            "--cert",
+            "n1.pem",
+            "--key",
+            "n1-key.pem",
+        ];
+        argv.extend_from_slice(extra);
+        let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        AgentConfig::from_args(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.cluster, "meridian");
+        assert_eq!(c.pg_port, 5432);
+        assert_eq!(c.pg_addr, "127.0.0.1:5432");
+        assert_eq!(c.os_user, "postgres");
+        assert_eq!(c.lease_ttl, Duration::from_secs(3));
+        assert_eq!(c.fence_margin, Duration::from_secs(1));
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(100));
+        assert!(!c.bootstrap);
+        assert_eq!(c.tags, MemberTags::default());
+        assert_eq!(c.http_listen, None);
+    }
+
+    #[test]
+    fn flags_and_errors_name_the_flag() {
+        let c = parse(&[
+            "--pg-port",
+            "6000",
+            "--pg-listen",
+            "*",
+            "--nofailover",
+            "--priority",
+            "7",
+            "--pg-setting",
+            "fsync=off",
+            "--pg-hba",
+            "host all all 10.0.0.0/8 trust",
+            "--etcd",
+            "http://a:1,http://b:2",
+        ])
+        .unwrap();
+        assert_eq!(c.pg_addr, "127.0.0.1:6000");
+        assert!(c.tags.nofailover);
+        assert_eq!(c.tags.priority, Some(7));
+        assert_eq!(c.pg_settings, vec![("fsync".into(), "off".into())]);
+        assert_eq!(c.pg_hba, vec!["host all all 10.0.0.0/8 trust".to_owned()]);
+        assert!(c.etcd.len() >= 2);
+        let err = parse(&["--lease-ttl", "1500ms"]).unwrap_err();
+        assert!(err.contains("--lease-ttl"), "{err}");
+        let err = parse(&["--fence-margin", "3s"]).unwrap_err();
+        assert!(err.contains("--fence-margin"), "{err}");
+        let err = parse(&["--advertise-pg-addr", "nohost"]).unwrap_err();
+        assert!(err.contains("--advertise-pg-addr"), "{err}");
+        let err = parse(&["--pg-setting", "novalue"]).unwrap_err();
+        assert!(err.contains("--pg-setting"), "{err}");
+    }
+}
