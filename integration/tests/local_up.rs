@@ -29,18 +29,17 @@ async fn local_up_serves_every_region_and_stops_everything_on_sigterm() {
         .spawn()
         .unwrap();
     let cluster_dir = dir.path().join("cluster");
-    let file = eventually(Duration::from_secs(120), "cluster.json", || async {
+    // Poll for cluster.json with a deadline, failing early if `local up` exits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let file = loop {
+        let log = || std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
         if let Ok(Some(status)) = up.try_wait() {
-            anyhow::bail!("meridianctl local up exited: {status}");
+            panic!("meridianctl local up exited: {status}\n{}", log());
         }
-        ClusterFile::load(&cluster_dir)
-    })
-    .await;
-    let file = match file {
-        Ok(f) => f,
-        Err(e) => {
-            let out = std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
-            panic!("{e:?}\n{out}");
+        match ClusterFile::load(&cluster_dir) {
+            Ok(f) => break f,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{e:?}\n{}", log()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
     assert_eq!(file.cluster, "local");

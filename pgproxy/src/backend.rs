@@ -46,6 +46,9 @@ pub enum BackendError {
     Server { code: String, message: String },
     #[error("backend protocol violation: {0}")]
     Protocol(String),
+    /// The server failed the proxy-side fencing check (not the current leader's node).
+    #[error("backend {addr} refused by fencing: {reason}")]
+    Fenced { addr: String, reason: String },
 }
 
 impl BackendError {
@@ -55,6 +58,21 @@ impl BackendError {
             BackendError::Server { code, .. } => code,
             BackendError::Auth(_) => "28000",
             _ => "08006",
+        }
+    }
+
+    /// Whether the server is (for now) unreachable, starting up, shutting down or
+    /// fenced: what a failover hold waits out. Authentication and other server
+    /// errors are not.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            BackendError::Connect { .. }
+            | BackendError::Timeout(_)
+            | BackendError::Io(_)
+            | BackendError::Closed
+            | BackendError::Fenced { .. } => true,
+            BackendError::Server { code, .. } => code.starts_with("57P") || code.starts_with("08"),
+            BackendError::Tls(_) | BackendError::Auth(_) | BackendError::Protocol(_) => false,
         }
     }
 }
@@ -102,6 +120,8 @@ pub struct BackendConn {
     pub reset: Reset,
     /// Hash of the session parameters applied here (0: server defaults).
     pub params_hash: u64,
+    /// The leader epoch this connection was fenced in at (primary of an etcd topology).
+    pub fence_epoch: Option<u64>,
     max_message: usize,
 }
 
@@ -138,6 +158,7 @@ impl BackendConn {
             last_used: Instant::now(),
             reset: Reset::None,
             params_hash: 0,
+            fence_epoch: None,
             max_message: p.max_message,
         };
         conn.startup(p).await?;

@@ -9,13 +9,17 @@
 //! Module map, by phase of a connection: [`handshake`] (TLS, startup, cancel),
 //! [`auth`], [`route`] (pure decision), [`pool`]/[`backend`] (connect),
 //! [`session`] (relay and session state), [`cancel`], [`metrics`].
+//! The topology comes from [`topology`] (static) or [`follow`] (etcd, with
+//! replica health from [`health`]).
 
 pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod catalog;
 pub mod client;
+pub mod follow;
 pub mod handshake;
+pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod route;
@@ -24,6 +28,9 @@ pub mod stream;
 pub mod tls;
 pub mod topology;
 pub mod wire;
+
+/// The etcd client the follower uses (re-exported for tests and tools).
+pub use etcd_client;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, RwLock};
@@ -86,6 +93,21 @@ impl Shared {
     }
 }
 
+/// Keeps pools and metrics in step with the topology: pools of an old primary
+/// or epoch, or of replicas that left, are dropped at once.
+async fn follow_topology(mut topology: TopologyRx, pools: Arc<Pools>, metrics: Arc<Metrics>) {
+    loop {
+        {
+            let t = topology.borrow_and_update().clone();
+            pools.retain_topology(&t);
+            metrics.observe_topology(&t);
+        }
+        if topology.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The proxy's listeners, bound by the caller.
 pub struct Listeners {
     pub clients: TcpListener,
@@ -107,8 +129,8 @@ pub async fn run(
     cfg.validate()?;
     let backend_tls = BackendTls::from_config(&cfg.backend_tls)?;
     let tls_acceptor = tls::acceptor(&cfg.tls)?;
-    let pools = Arc::new(Pools::default());
     let metrics = Arc::new(Metrics::new());
+    let pools = Arc::new(Pools::new(metrics.fencing_rejections.clone()));
     let mut catalog = FunctionCatalog::with_builtin_defaults();
     catalog.add_read_safe(cfg.routing.read_safe_functions.iter().cloned());
     let shared = Arc::new(Shared {
@@ -127,9 +149,14 @@ pub async fn run(
     });
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(admin) = listeners.admin {
-        tasks.spawn(metrics::serve_admin(admin, metrics, pools));
+        tasks.spawn(metrics::serve_admin(admin, metrics.clone(), pools.clone()));
     }
     tasks.spawn(catalog::refresh_loop(shared.clone()));
+    tasks.spawn(follow_topology(
+        shared.topology.clone(),
+        pools.clone(),
+        metrics.clone(),
+    ));
     info!(listen = %listeners.clients.local_addr()?, "meridian-pgproxy accepting clients");
 
     let mut sessions = tokio::task::JoinSet::new();

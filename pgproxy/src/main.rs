@@ -1,13 +1,16 @@
 //! `meridian-pgproxy`: parse flags and config, init telemetry, bind, run.
-//! SIGTERM/SIGINT drain and stop; SIGHUP reloads the config file.
+//! SIGTERM/SIGINT drain and stop; SIGHUP reloads the config file. With
+//! `--etcd` the topology follows the leader in etcd (`follow`), else it is
+//! static from `--primary`/`--replica` or the file.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use meridian_pgproxy::topology::Topology;
-use meridian_pgproxy::{run, Listeners};
+use meridian_pgproxy::{follow, run, Listeners};
 use meridian_shared::config::{self, AuthMethod, PoolMode, ProxyConfig, ReplicaConfig};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -58,6 +61,29 @@ struct Args {
     /// PEM private key for --tls-cert [default: none].
     #[arg(long, env = "MERIDIAN_PGPROXY_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// etcd endpoints, comma-separated (http://host:port): follow the leader in etcd
+    /// instead of --primary/--replica, which are then not allowed [default: none].
+    #[arg(long, env = "MERIDIAN_PGPROXY_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Cluster name in etcd (keys under /meridian/<cluster>/) [default: meridian].
+    #[arg(long, env = "MERIDIAN_PGPROXY_CLUSTER")]
+    cluster: Option<String>,
+    /// This proxy's id, registered as proxies/<id> in etcd [default: <hostname>-<listen port>].
+    #[arg(long, env = "MERIDIAN_PGPROXY_PROXY_ID")]
+    proxy_id: Option<String>,
+    /// How long new write transactions wait for a serving primary during a failover;
+    /// etcd's config.failover_hold overrides it when set [default: 10s].
+    #[arg(long, env = "MERIDIAN_PGPROXY_FAILOVER_HOLD", value_parser = humantime::parse_duration)]
+    failover_hold: Option<Duration>,
+    /// TTL of the proxies/<id> lease; losing etcd for longer stops writes [default: 3s].
+    #[arg(long, env = "MERIDIAN_PGPROXY_ETCD_LEASE_TTL", value_parser = humantime::parse_duration)]
+    etcd_lease_ttl: Option<Duration>,
+    /// How often each replica's health and replay position are polled [default: 200ms].
+    #[arg(long, env = "MERIDIAN_PGPROXY_REPLICA_POLL_INTERVAL", value_parser = humantime::parse_duration)]
+    replica_poll_interval: Option<Duration>,
+    /// Replicas replaying further behind than this get no reads [default: 5s].
+    #[arg(long, env = "MERIDIAN_PGPROXY_MAX_REPLICA_LAG", value_parser = humantime::parse_duration)]
+    max_replica_lag: Option<Duration>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -110,6 +136,32 @@ impl Args {
         if let Some(v) = &self.tls_key {
             cfg.tls.key = Some(v.clone());
         }
+        if !self.etcd.is_empty() {
+            if self.primary.is_some() || !self.replica.is_empty() {
+                anyhow::bail!(
+                    "--etcd and --primary/--replica exclude each other: with --etcd the topology comes from etcd"
+                );
+            }
+            cfg.etcd.endpoints = self.etcd.clone();
+        }
+        if let Some(v) = &self.cluster {
+            cfg.etcd.cluster = v.clone();
+        }
+        if let Some(v) = &self.proxy_id {
+            cfg.etcd.proxy_id = Some(v.clone());
+        }
+        if let Some(v) = self.failover_hold {
+            cfg.etcd.failover_hold = v;
+        }
+        if let Some(v) = self.etcd_lease_ttl {
+            cfg.etcd.lease_ttl = v;
+        }
+        if let Some(v) = self.replica_poll_interval {
+            cfg.etcd.replica_poll_interval = v;
+        }
+        if let Some(v) = self.max_replica_lag {
+            cfg.etcd.max_replica_lag = v;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -124,8 +176,8 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    if cfg.backends.primary.is_none() {
-        anyhow::bail!("no primary configured: pass --primary HOST:PORT or set backends.primary in the config file");
+    if cfg.backends.primary.is_none() && !cfg.etcd.enabled() {
+        anyhow::bail!("no primary configured: pass --primary HOST:PORT or --etcd URL, or set backends.primary or etcd.endpoints in the config file");
     }
     let clients = TcpListener::bind(&cfg.listen)
         .await
@@ -139,7 +191,17 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding admin_listen address {}", cfg.admin_listen))?,
         )
     };
-    let (topo_tx, topo_rx) = watch::channel(Arc::new(Topology::from_config(&cfg)));
+    // With etcd the follower owns the topology (and keeps it across SIGHUP);
+    // otherwise it is static and replaced on reload.
+    let follower = if cfg.etcd.enabled() {
+        let f = follow::spawn(&cfg).context("starting the etcd follower")?;
+        tracing::info!(proxy_id = %f.proxy_id, endpoints = ?cfg.etcd.endpoints, "following the leader in etcd");
+        Some(f)
+    } else {
+        None
+    };
+    let (topo_tx, static_rx) = watch::channel(Arc::new(Topology::from_config(&cfg)));
+    let topo_rx = follower.as_ref().map_or(static_rx, |f| f.topology.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let (reload_tx, mut reload_rx) = watch::channel(0u64);
 
@@ -167,12 +229,19 @@ async fn main() -> anyhow::Result<()> {
     tokio::pin!(proxy);
     loop {
         tokio::select! {
-            r = &mut proxy => return r.map_err(Into::into),
+            r = &mut proxy => {
+                if let Some(f) = follower {
+                    f.stop().await;
+                }
+                return r.map_err(Into::into);
+            }
             _ = reload_rx.changed() => {
                 match args.effective() {
                     Ok(new) => {
                         tracing::info!("SIGHUP: configuration reloaded");
-                        let _ = topo_tx.send(Arc::new(Topology::from_config(&new)));
+                        if follower.is_none() {
+                            let _ = topo_tx.send(Arc::new(Topology::from_config(&new)));
+                        }
                         let _ = config_tx.send(Arc::new(new));
                     }
                     Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded"),

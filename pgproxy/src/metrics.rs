@@ -1,6 +1,7 @@
 //! Prometheus metrics of the proxy and the admin HTTP server (`/health`, `/metrics`).
 
 use std::convert::Infallible;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -42,6 +43,17 @@ pub struct Metrics {
     pub errors: Family<ClassLabel, Counter>,
     pub latency: Histogram,
     pub backend_connections: Family<PoolLabels, Gauge>,
+    /// Sessions that waited for a primary (failover hold), and how long in total.
+    pub failover_holds: Counter,
+    pub failover_hold_seconds: Counter<f64, AtomicU64>,
+    /// Holds that ran out (the client got 08006).
+    pub failover_hold_timeouts: Counter,
+    /// New primary connections refused by the fencing check.
+    pub fencing_rejections: Counter,
+    pub topology_epoch: Gauge,
+    pub replicas_healthy: Gauge,
+    /// 1 while a serving primary is known.
+    pub primary_available: Gauge,
 }
 
 impl Metrics {
@@ -79,7 +91,56 @@ impl Metrics {
             "Backend connections per pool and state",
             backend_connections.clone(),
         );
+        let failover_holds = Counter::default();
+        registry.register(
+            "failover_holds",
+            "Sessions that waited for a serving, connectable primary",
+            failover_holds.clone(),
+        );
+        let failover_hold_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "failover_hold_seconds",
+            "Total time sessions waited for a primary",
+            failover_hold_seconds.clone(),
+        );
+        let failover_hold_timeouts = Counter::default();
+        registry.register(
+            "failover_hold_timeouts",
+            "Waits for a primary that ran out (client got SQLSTATE 08006)",
+            failover_hold_timeouts.clone(),
+        );
+        let fencing_rejections = Counter::default();
+        registry.register(
+            "fencing_rejections",
+            "New primary connections refused: in recovery or not carrying the leader's epoch",
+            fencing_rejections.clone(),
+        );
+        let topology_epoch = Gauge::default();
+        registry.register(
+            "topology_epoch",
+            "Fencing epoch of the leader in the current topology (0: static or unknown)",
+            topology_epoch.clone(),
+        );
+        let replicas_healthy = Gauge::default();
+        registry.register(
+            "replicas_healthy",
+            "Replicas that may take reads (healthy and within max_replica_lag)",
+            replicas_healthy.clone(),
+        );
+        let primary_available = Gauge::default();
+        registry.register(
+            "primary_available",
+            "1 while the topology names a serving primary",
+            primary_available.clone(),
+        );
         Metrics {
+            failover_holds,
+            failover_hold_seconds,
+            failover_hold_timeouts,
+            fencing_rejections,
+            topology_epoch,
+            replicas_healthy,
+            primary_available,
             registry,
             clients,
             queries,
@@ -93,6 +154,13 @@ impl Metrics {
     pub fn error(&self, sqlstate: &str) {
         let class = sqlstate.get(..2).unwrap_or("XX").to_owned();
         self.errors.get_or_create(&ClassLabel { class }).inc();
+    }
+
+    /// Sets the topology gauges.
+    pub fn observe_topology(&self, t: &crate::topology::Topology) {
+        self.topology_epoch.set(t.epoch as i64);
+        self.replicas_healthy.set(t.usable_replicas() as i64);
+        self.primary_available.set(i64::from(t.primary.is_some()));
     }
 
     /// Renders the exposition text, refreshing pool gauges first.

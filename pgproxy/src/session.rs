@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use meridian_shared::config::PoolMode;
 use meridian_sqlroute::{Analysis, PinReason, TxEffect};
@@ -30,10 +30,33 @@ use crate::backend::{BackendConn, BackendError, ConnectParams, Reset};
 use crate::cancel::{BackendKey, CancelSlot};
 use crate::client::{ClientConn, ClientError};
 use crate::metrics::TargetLabel;
-use crate::pool::{PoolError, Pooled};
+use crate::pool::{self, PoolError, Pooled};
 use crate::route::{self, SessionView, Which};
 use crate::wire::{self, Frame};
 use crate::Shared;
+
+/// How often a primary that failed is retried during a failover hold.
+const PRIMARY_RETRY: Duration = Duration::from_millis(100);
+
+/// What a session waiting for a primary does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldStep {
+    /// Keep waiting, at most this much longer.
+    Wait(Duration),
+    /// Give up: the hold (possibly zero) has run out.
+    Fail,
+}
+
+/// The failover-hold bookkeeping (pure): a wait that started at `started`
+/// may go on until `started + hold`.
+pub fn hold_step(started: Instant, hold: Duration, now: Instant) -> HoldStep {
+    let remaining = (started + hold).saturating_duration_since(now);
+    if remaining.is_zero() {
+        HoldStep::Fail
+    } else {
+        HoldStep::Wait(remaining)
+    }
+}
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -297,7 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn replica_available(&self) -> bool {
         self.shared.config().routing.replica_reads
-            && !self.shared.topology.borrow().replicas.is_empty()
+            && self.shared.topology.borrow().has_usable_replica()
     }
 
     fn conn(&mut self, w: Which) -> Option<&mut Pooled> {
@@ -334,32 +357,167 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Makes sure the session holds a backend of kind `w`; nothing is sent to it.
+    ///
+    /// Outside a transaction a held backend that the topology no longer backs
+    /// (the primary of an older leader or epoch, a replica that is down) is
+    /// discarded first, so a new transaction never starts on it.
     async fn acquire_raw(&mut self, w: Which) -> Result<(), PoolError> {
-        if self.slot(w).is_none() {
-            let addr = {
-                let topo = self.shared.topology.borrow();
-                match w {
-                    Which::Primary => topo.primary.clone(),
-                    Which::Replica => topo
-                        .pick_replica(&self.shared.config().region, self.salt)
-                        .map(|b| b.addr.clone()),
-                }
-            };
-            let Some(addr) = addr else {
-                return Err(PoolError::ConnectFailed {
-                    addr: Arc::from("(none)"),
-                    message: Arc::from(match w {
-                        Which::Primary => "no primary is known",
-                        Which::Replica => "no replica is known",
-                    }),
-                });
-            };
-            let params = self.connect_params(addr);
-            let pool_cfg = self.shared.config().pool.clone();
-            let conn = self.shared.pools.get(&params, &pool_cfg).await?;
-            *self.slot(w) = Some(conn);
+        self.discard_stale(w);
+        if self.slot(w).is_some() {
+            return Ok(());
         }
+        let conn = match w {
+            Which::Primary => self.connect_primary().await?,
+            Which::Replica => {
+                let addr = self
+                    .shared
+                    .topology
+                    .borrow()
+                    .pick_replica(&self.shared.config().region, self.salt)
+                    .map(|b| b.addr.clone());
+                let Some(addr) = addr else {
+                    return Err(PoolError::ConnectFailed {
+                        addr: Arc::from("(none)"),
+                        message: Arc::from("no replica is available"),
+                        unavailable: true,
+                    });
+                };
+                let params = self.connect_params(addr);
+                let pool_cfg = self.shared.config().pool.clone();
+                self.shared.pools.get(&params, None, &pool_cfg).await?
+            }
+        };
+        *self.slot(w) = Some(conn);
         Ok(())
+    }
+
+    /// Drops a held backend of kind `w` that must not start a new transaction.
+    fn discard_stale(&mut self, w: Which) {
+        if self.tx_backend == Some(w) || !self.pending.is_empty() {
+            return;
+        }
+        if self.held_is_stale(w) {
+            let pinned = self.pinned;
+            if let Some(mut c) = self.slot(w).take() {
+                if let (Which::Primary, Some(reason)) = (w, pinned) {
+                    // Its session state (temp tables, locks, listeners) stays behind on
+                    // the old primary; it cannot move to a new one.
+                    warn!(addr = %c.addr, ?reason, "pinned primary backend replaced by a new leader; its session state is lost");
+                } else {
+                    debug!(backend = ?w, addr = %c.addr, "held backend no longer in the topology; discarded");
+                }
+                c.broken = true;
+            }
+            if self.active == Some(w) {
+                self.active = None;
+            }
+        }
+    }
+
+    /// Whether the held backend of kind `w` (if any) is one the topology no
+    /// longer backs: a primary of another node or epoch, a replica that is down.
+    fn held_is_stale(&self, w: Which) -> bool {
+        let topo = self.shared.topology.borrow();
+        match (w, self.conn_ref(w)) {
+            (Which::Primary, Some(c)) => !pool::still_current(&c.addr, c.fence_epoch, &topo),
+            (Which::Replica, Some(c)) => !topo.is_usable_replica(&c.addr),
+            (_, None) => false,
+        }
+    }
+
+    fn conn_ref(&self, w: Which) -> Option<&Pooled> {
+        match w {
+            Which::Primary => self.primary.as_ref(),
+            Which::Replica => self.replica.as_ref(),
+        }
+    }
+
+    /// A primary connection, waiting up to the topology's `failover_hold` while
+    /// no serving primary is known or the known one cannot be connected to (or
+    /// fails the fencing check). The wait follows the topology: a new leader is
+    /// tried as soon as it is published; the same one is retried every
+    /// [`PRIMARY_RETRY`]. Errors that waiting cannot cure (authentication, a
+    /// missing database) end the wait at once.
+    async fn connect_primary(&mut self) -> Result<Pooled, PoolError> {
+        let mut topology = self.shared.topology.clone();
+        let started = tokio::time::Instant::now();
+        let mut waited = false;
+        loop {
+            let (addr, fence, hold) = {
+                let t = topology.borrow_and_update();
+                (t.primary.clone(), t.fence_epoch(), t.failover_hold)
+            };
+            let deadline = started + hold;
+            let error = match addr {
+                Some(addr) => {
+                    let params = self.connect_params(addr.clone());
+                    let pool_cfg = self.shared.config().pool.clone();
+                    let get = self.shared.pools.get(&params, fence, &pool_cfg);
+                    let r = if hold.is_zero() {
+                        get.await
+                    } else {
+                        // Never wait on one attempt past the hold (a black-holed primary).
+                        let until = deadline.max(tokio::time::Instant::now() + PRIMARY_RETRY);
+                        tokio::time::timeout_at(until, get)
+                            .await
+                            .unwrap_or(Err(PoolError::Timeout(addr)))
+                    };
+                    match r {
+                        Ok(c) => {
+                            if waited {
+                                let held = started.elapsed();
+                                self.shared
+                                    .metrics
+                                    .failover_hold_seconds
+                                    .inc_by(held.as_secs_f64());
+                                debug!(?held, "primary available after a failover hold");
+                            }
+                            return Ok(c);
+                        }
+                        Err(e) if !e.is_unavailable() => return Err(e),
+                        Err(e) => e,
+                    }
+                }
+                None => PoolError::ConnectFailed {
+                    addr: Arc::from("(none)"),
+                    message: Arc::from("no primary is known"),
+                    unavailable: true,
+                },
+            };
+            let now = tokio::time::Instant::now();
+            match hold_step(started.into_std(), hold, now.into_std()) {
+                HoldStep::Fail => {
+                    if hold.is_zero() {
+                        return Err(error);
+                    }
+                    self.shared.metrics.failover_hold_timeouts.inc();
+                    self.shared
+                        .metrics
+                        .failover_hold_seconds
+                        .inc_by(started.elapsed().as_secs_f64());
+                    warn!(error = %error, ?hold, "no primary within the failover hold");
+                    return Err(PoolError::NoPrimary {
+                        held_ms: started.elapsed().as_millis(),
+                    });
+                }
+                HoldStep::Wait(remaining) => {
+                    if !waited {
+                        waited = true;
+                        self.shared.metrics.failover_holds.inc();
+                        debug!(error = %error, ?hold, "holding for a primary");
+                    }
+                    let pause = remaining.min(PRIMARY_RETRY);
+                    tokio::select! {
+                        r = topology.changed() => {
+                            if r.is_err() {
+                                tokio::time::sleep(pause).await;
+                            }
+                        }
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Queues the replay of the session's parameters on backend `w` if it differs.
@@ -719,7 +877,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// True if the frame must wait until the current backend has answered.
     fn must_stall(&mut self, target: Which, f: &Frame) -> bool {
-        if !self.pending.is_empty() && self.active.is_some_and(|a| a != target) {
+        let other_busy = self.active.is_some_and(|a| a != target);
+        // A held backend the topology no longer backs can only be replaced once it
+        // has answered what it was sent (e.g. a Sync after a client's Close): wait
+        // for that instead of starting new work on it. Not inside an extended batch
+        // (the backend may hold its answers until the batch's Sync) or a transaction.
+        let stale_busy =
+            self.batch.is_none() && self.tx_backend != Some(target) && self.held_is_stale(target);
+        if !self.pending.is_empty() && (other_busy || stale_busy) {
             self.stalled = Some(f.clone());
             return true;
         }
@@ -1386,5 +1551,28 @@ async fn read_backend(c: &mut Option<Pooled>) -> Result<Frame, BackendError> {
     match c {
         Some(c) => c.read_frame().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_step_waits_until_the_hold_runs_out() {
+        let t0 = Instant::now();
+        let hold = Duration::from_secs(2);
+        assert_eq!(hold_step(t0, hold, t0), HoldStep::Wait(hold));
+        assert_eq!(
+            hold_step(t0, hold, t0 + Duration::from_millis(1500)),
+            HoldStep::Wait(Duration::from_millis(500))
+        );
+        assert_eq!(hold_step(t0, hold, t0 + hold), HoldStep::Fail);
+        assert_eq!(
+            hold_step(t0, hold, t0 + Duration::from_secs(9)),
+            HoldStep::Fail
+        );
+        // No hold (static topology): fail at once.
+        assert_eq!(hold_step(t0, Duration::ZERO, t0), HoldStep::Fail);
     }
 }

@@ -1,29 +1,73 @@
-//! Where the backends are: the primary and the replicas with their regions.
+//! Where the backends are: the primary and the replicas with their regions,
+//! whether the leader is serving, and how healthy each replica is.
 //!
 //! The proxy reads the topology from a `watch` channel, so the source can be
-//! static (flags or config file) or a watcher that follows the leader in etcd;
+//! static (flags or config file) or the etcd follower ([`crate::follow`]);
 //! sessions pick up changes at their next backend acquisition. Replica choice
-//! is a pure function of the topology and the proxy's region.
+//! is a pure function of the topology and the proxy's region. A static
+//! topology trusts its replicas (no health polling) and never holds writes
+//! (`failover_hold` is zero): there is no failover to wait for.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use meridian_shared::config::ProxyConfig;
 use tokio::sync::watch;
+
+/// What the proxy knows about the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LeaderView {
+    /// Static topology from flags or the config file (no epoch to check).
+    #[default]
+    Static,
+    /// etcd names a serving leader; writes go to it.
+    Serving,
+    /// etcd says a failover is in progress: writes are held.
+    FailingOver,
+    /// No leader in etcd, or etcd unreachable for longer than the lease TTL: writes are held.
+    Unknown,
+}
+
+/// How usable a replica is for reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplicaState {
+    /// Answering, in recovery, within `max_replica_lag` (static replicas are always `Ok`).
+    #[default]
+    Ok,
+    /// Answering but replaying more than `max_replica_lag` behind.
+    Lagging,
+    /// Last poll failed, timed out, or the node is not in recovery.
+    Down,
+    /// Not polled yet.
+    Unknown,
+}
 
 /// One backend server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     pub addr: Arc<str>,
     pub region: String,
+    pub state: ReplicaState,
+}
+
+impl Backend {
+    /// Whether reads may go to this replica.
+    pub fn usable(&self) -> bool {
+        self.state == ReplicaState::Ok
+    }
 }
 
 /// A snapshot of the cluster as the proxy should use it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Topology {
+    /// Where writes go; `None` while no serving leader is known.
     pub primary: Option<Arc<str>>,
     pub replicas: Vec<Backend>,
     /// Fencing epoch of the current leader (0 with a static topology).
     pub epoch: u64,
+    pub state: LeaderView,
+    /// How long a write waits for a serving, connectable primary (zero: fail at once).
+    pub failover_hold: Duration,
 }
 
 impl Topology {
@@ -38,22 +82,34 @@ impl Topology {
                 .map(|r| Backend {
                     addr: Arc::from(r.addr.as_str()),
                     region: r.region.clone().unwrap_or_else(|| cfg.region.clone()),
+                    state: ReplicaState::Ok,
                 })
                 .collect(),
             epoch: 0,
+            state: LeaderView::Static,
+            failover_hold: Duration::ZERO,
         }
     }
 
-    /// The replica to read from: one in `region` if any, else any replica.
-    /// `salt` spreads sessions over equally good replicas.
+    /// Whether a new primary connection must prove it carries [`epoch`](Self::epoch)
+    /// (`meridian.epoch`) and is not in recovery.
+    pub fn checks_epoch(&self) -> bool {
+        self.state != LeaderView::Static
+    }
+
+    /// The fencing epoch a new primary connection must carry, if any.
+    pub fn fence_epoch(&self) -> Option<u64> {
+        self.checks_epoch().then_some(self.epoch)
+    }
+
+    /// The replica to read from: a usable one in `region`, else a usable one in
+    /// another region, else `None` (the read goes to the primary). `salt`
+    /// spreads sessions over equally good replicas.
     pub fn pick_replica(&self, region: &str, salt: u64) -> Option<&Backend> {
-        let local: Vec<&Backend> = self
-            .replicas
-            .iter()
-            .filter(|r| r.region == region)
-            .collect();
+        let usable = || self.replicas.iter().filter(|r| r.usable());
+        let local: Vec<&Backend> = usable().filter(|r| r.region == region).collect();
         let pool: Vec<&Backend> = if local.is_empty() {
-            self.replicas.iter().collect()
+            usable().collect()
         } else {
             local
         };
@@ -63,6 +119,21 @@ impl Topology {
             Some(pool[(salt % pool.len() as u64) as usize])
         }
     }
+
+    /// Whether any replica may take reads.
+    pub fn has_usable_replica(&self) -> bool {
+        self.replicas.iter().any(Backend::usable)
+    }
+
+    /// Whether `addr` is a replica that may take reads.
+    pub fn is_usable_replica(&self, addr: &str) -> bool {
+        self.replicas.iter().any(|r| r.usable() && &*r.addr == addr)
+    }
+
+    /// Number of replicas that may take reads (for metrics).
+    pub fn usable_replicas(&self) -> usize {
+        self.replicas.iter().filter(|r| r.usable()).count()
+    }
 }
 
 pub type TopologyRx = watch::Receiver<Arc<Topology>>;
@@ -71,10 +142,11 @@ pub type TopologyRx = watch::Receiver<Arc<Topology>>;
 mod tests {
     use super::*;
 
-    fn b(addr: &str, region: &str) -> Backend {
+    fn b(addr: &str, region: &str, state: ReplicaState) -> Backend {
         Backend {
             addr: Arc::from(addr),
             region: region.into(),
+            state,
         }
     }
 
@@ -82,12 +154,71 @@ mod tests {
     fn prefers_local_replica_then_any() {
         let t = Topology {
             primary: Some(Arc::from("p:1")),
-            replicas: vec![b("a:1", "us"), b("b:1", "eu")],
+            replicas: vec![
+                b("a:1", "us", ReplicaState::Ok),
+                b("b:1", "eu", ReplicaState::Ok),
+            ],
             epoch: 1,
+            ..Default::default()
         };
         assert_eq!(&*t.pick_replica("eu", 0).unwrap().addr, "b:1");
         assert_eq!(&*t.pick_replica("eu", 7).unwrap().addr, "b:1");
         assert!(t.pick_replica("ap", 0).is_some());
         assert!(Topology::default().pick_replica("eu", 0).is_none());
+    }
+
+    #[test]
+    fn unhealthy_or_lagging_local_replica_falls_back_to_another_region_then_primary() {
+        let mut t = Topology {
+            primary: Some(Arc::from("p:1")),
+            replicas: vec![
+                b("local:1", "eu", ReplicaState::Lagging),
+                b("local:2", "eu", ReplicaState::Down),
+                b("far:1", "us", ReplicaState::Ok),
+                b("far:2", "ap", ReplicaState::Unknown),
+            ],
+            state: LeaderView::Serving,
+            epoch: 4,
+            ..Default::default()
+        };
+        for salt in 0..5 {
+            assert_eq!(&*t.pick_replica("eu", salt).unwrap().addr, "far:1");
+        }
+        assert!(t.has_usable_replica());
+        assert_eq!(t.usable_replicas(), 1);
+        assert!(t.is_usable_replica("far:1"));
+        assert!(!t.is_usable_replica("local:1"));
+        t.replicas[0].state = ReplicaState::Ok;
+        assert_eq!(&*t.pick_replica("eu", 3).unwrap().addr, "local:1");
+        for r in &mut t.replicas {
+            r.state = ReplicaState::Down;
+        }
+        assert!(t.pick_replica("eu", 0).is_none());
+        assert!(!t.has_usable_replica());
+    }
+
+    #[test]
+    fn static_topology_trusts_replicas_and_checks_no_epoch() {
+        let mut cfg = ProxyConfig {
+            region: "eu".into(),
+            ..Default::default()
+        };
+        cfg.backends.primary = Some("p:1".into());
+        cfg.backends.replicas = vec![meridian_shared::config::ReplicaConfig {
+            addr: "r:1".into(),
+            region: None,
+        }];
+        let t = Topology::from_config(&cfg);
+        assert_eq!(t.state, LeaderView::Static);
+        assert!(!t.checks_epoch());
+        assert_eq!(t.fence_epoch(), None);
+        assert_eq!(t.failover_hold, Duration::ZERO);
+        assert_eq!(&*t.pick_replica("eu", 0).unwrap().addr, "r:1");
+        let etcd = Topology {
+            state: LeaderView::Serving,
+            epoch: 7,
+            ..t
+        };
+        assert_eq!(etcd.fence_epoch(), Some(7));
     }
 }

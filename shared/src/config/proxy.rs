@@ -1,5 +1,5 @@
-//! Configuration of `meridian-pgproxy`: listeners, backends, pools, users,
-//! routing and TLS. See the README's configuration reference; each field's
+//! Configuration of `meridian-pgproxy`: listeners, backends (static or
+//! followed in etcd), pools, users, routing and TLS. See the README's configuration reference; each field's
 //! default is stated in its doc comment and applied by serde.
 
 use std::collections::HashSet;
@@ -34,6 +34,8 @@ pub struct ProxyConfig {
     pub shutdown_drain: Duration,
     /// Static topology (used when no etcd is configured).
     pub backends: BackendsConfig,
+    /// Follow the leader in etcd instead of a static topology.
+    pub etcd: EtcdConfig,
     /// Backend pool settings.
     pub pool: PoolConfig,
     /// Routing settings.
@@ -58,6 +60,7 @@ impl Default for ProxyConfig {
             max_startup_packet: 10_000,
             shutdown_drain: Duration::from_secs(30),
             backends: BackendsConfig::default(),
+            etcd: EtcdConfig::default(),
             pool: PoolConfig::default(),
             routing: RoutingConfig::default(),
             tls: ClientTlsConfig::default(),
@@ -100,6 +103,92 @@ pub struct BackendsConfig {
     pub primary: Option<String>,
     /// Replicas: `host:port` with an optional region. Default none (reads go to the primary).
     pub replicas: Vec<ReplicaConfig>,
+}
+
+/// The `[etcd]` section: where the topology comes from when it is not static.
+///
+/// With `endpoints` set the proxy watches `/meridian/<cluster>/leader`,
+/// `members/` and `config`, polls each replica's health itself, registers
+/// `proxies/<proxy_id>` on a lease, and `backends.primary`/`backends.replicas`
+/// must stay empty.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// etcd client endpoints (`http://host:port` or `host:port`). Default none (static topology).
+    pub endpoints: Vec<String>,
+    /// Cluster name: keys live under `/meridian/<cluster>/`. Default `meridian`.
+    pub cluster: String,
+    /// This proxy's id, the key `proxies/<proxy_id>`. Default `<hostname>-<listen port>`.
+    pub proxy_id: Option<String>,
+    /// How long a new write transaction waits for a serving, connectable primary during a
+    /// failover. Default `10s`; the cluster's `config.failover_hold` in etcd overrides it when set.
+    #[serde(with = "humantime_serde")]
+    pub failover_hold: Duration,
+    /// TTL of the `proxies/<id>` lease; losing etcd for longer than this stops writes. Default `3s`.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often each replica's health and replay position are polled. Default `200ms`.
+    #[serde(with = "humantime_serde")]
+    pub replica_poll_interval: Duration,
+    /// A replica whose replay lag exceeds this gets no reads. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub max_replica_lag: Duration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: Vec::new(),
+            cluster: "meridian".into(),
+            proxy_id: None,
+            failover_hold: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(3),
+            replica_poll_interval: Duration::from_millis(200),
+            max_replica_lag: Duration::from_secs(5),
+        }
+    }
+}
+
+impl EtcdConfig {
+    /// Whether the topology comes from etcd.
+    pub fn enabled(&self) -> bool {
+        !self.endpoints.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let hostport = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .unwrap_or(e);
+            check_hostport(&format!("etcd.endpoints[{i}]"), hostport)?;
+        }
+        crate::keys::validate_name(&self.cluster)
+            .map_err(|e| ConfigError::invalid("etcd.cluster", e.to_string()))?;
+        if let Some(id) = &self.proxy_id {
+            crate::keys::validate_name(id)
+                .map_err(|e| ConfigError::invalid("etcd.proxy_id", e.to_string()))?;
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "etcd.lease_ttl",
+                "must be at least 1s (etcd leases count whole seconds)",
+            ));
+        }
+        if self.replica_poll_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "etcd.replica_poll_interval",
+                "must be greater than 0",
+            ));
+        }
+        if self.failover_hold > Duration::from_secs(600) {
+            return Err(ConfigError::invalid(
+                "etcd.failover_hold",
+                "must be at most 10m",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One statically configured replica.
@@ -294,6 +383,21 @@ impl ProxyConfig {
         if !self.admin_listen.is_empty() {
             check_addr("admin_listen", &self.admin_listen)?;
         }
+        self.etcd.validate()?;
+        if self.etcd.enabled() {
+            if self.backends.primary.is_some() {
+                return Err(ConfigError::invalid(
+                    "backends.primary",
+                    "not allowed with etcd.endpoints: the primary comes from etcd's `leader`",
+                ));
+            }
+            if !self.backends.replicas.is_empty() {
+                return Err(ConfigError::invalid(
+                    "backends.replicas",
+                    "not allowed with etcd.endpoints: the replicas come from etcd's `members/`",
+                ));
+            }
+        }
         if let Some(p) = &self.backends.primary {
             check_hostport("backends.primary", p)?;
         }
@@ -469,6 +573,57 @@ mod tests {
         assert_eq!(c.pool.mode, PoolMode::Transaction);
         assert_eq!(c.pool.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.backends.replicas[0].region.as_deref(), Some("eu"));
+    }
+
+    #[test]
+    fn etcd_section_parses_with_defaults_and_excludes_static_backends() {
+        let c: ProxyConfig = toml::from_str(
+            r#"
+            auth = "trust"
+            [etcd]
+            endpoints = ["http://127.0.0.1:2379", "127.0.0.1:2380"]
+            failover_hold = "1s"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.etcd.enabled());
+        assert_eq!(c.etcd.cluster, "meridian");
+        assert_eq!(c.etcd.failover_hold, Duration::from_secs(1));
+        assert_eq!(c.etcd.lease_ttl, Duration::from_secs(3));
+        assert_eq!(c.etcd.replica_poll_interval, Duration::from_millis(200));
+        assert_eq!(c.etcd.max_replica_lag, Duration::from_secs(5));
+        assert!(!ProxyConfig::default().etcd.enabled());
+
+        let mut bad = c.clone();
+        bad.backends.primary = Some("db:5432".into());
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("backends.primary"), "{err}");
+        let mut bad = c.clone();
+        bad.etcd.cluster = "a/b".into();
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("etcd.cluster"));
+        let mut bad = c.clone();
+        bad.etcd.lease_ttl = Duration::from_millis(500);
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("etcd.lease_ttl"));
+        let mut bad = c;
+        bad.etcd.endpoints = vec!["nope".into()];
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("etcd.endpoints[0]"));
+        let err = toml::from_str::<ProxyConfig>("[etcd]\nendpoint = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("endpoint"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,228 @@
+//! Replica health as the proxy itself observes it.
+//!
+//! One small task per replica keeps one connection (the catalog user's
+//! credentials, `routing.catalog_*`) and every `replica_poll_interval` asks
+//! `pg_is_in_recovery()`, the replay position and the replay lag, with a short
+//! timeout. The answers go into a [`ReplicaTable`], shared and reusable: the
+//! follower turns it into replica states of the topology, and read-your-writes
+//! can ask [`ReplicaTable::replay_lsn`]. A failed or timed-out poll marks the
+//! replica down at once (its connection is dropped and reopened next time).
+//!
+//! Limits: the lag is `now() - pg_last_xact_replay_timestamp()` on the replica,
+//! reported as 0 when everything received is replayed (an idle primary must not
+//! look like lag); a replica whose WAL receiver stalled therefore looks current
+//! until its receive position falls behind, which the coordinator, not the
+//! proxy, detects.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use meridian_shared::lsn::Lsn;
+use tokio::sync::Notify;
+use tracing::debug;
+
+use crate::backend::{BackendConn, BackendError, ConnectParams};
+
+/// The poll query: in recovery, replay LSN, lag in seconds.
+pub const POLL_QUERY: &str = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, \
+     CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 \
+     ELSE COALESCE(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) END::float8";
+
+/// The result of the latest poll of one replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaStatus {
+    /// The poll answered.
+    pub ok: bool,
+    /// `pg_is_in_recovery()` (false for a failed poll).
+    pub in_recovery: bool,
+    /// Last known replay position (kept from earlier polls when this one failed).
+    pub replay_lsn: Option<Lsn>,
+    /// Replay lag (`None` when the poll failed).
+    pub lag: Option<Duration>,
+    /// When the poll finished.
+    pub at: Instant,
+}
+
+/// Latest status per replica address.
+pub type ReplicaHealth = HashMap<Arc<str>, ReplicaStatus>;
+
+/// The shared per-replica table: written by the pollers, read by the follower
+/// and by anyone who needs a replica's replay position.
+#[derive(Clone, Default)]
+pub struct ReplicaTable {
+    inner: Arc<RwLock<ReplicaHealth>>,
+    changed: Arc<Notify>,
+}
+
+impl ReplicaTable {
+    /// The last replay position seen on `addr`, if it was ever polled.
+    pub fn replay_lsn(&self, addr: &str) -> Option<Lsn> {
+        self.read().get(addr).and_then(|s| s.replay_lsn)
+    }
+
+    /// The latest status of `addr`.
+    pub fn status(&self, addr: &str) -> Option<ReplicaStatus> {
+        self.read().get(addr).cloned()
+    }
+
+    /// A copy of the whole table.
+    pub fn snapshot(&self) -> ReplicaHealth {
+        self.read().clone()
+    }
+
+    /// Records a poll result; wakes [`changed`](Self::changed) when usability may differ.
+    pub fn record(&self, addr: &Arc<str>, mut status: ReplicaStatus) {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let prev = map.get(addr);
+        if status.replay_lsn.is_none() {
+            status.replay_lsn = prev.and_then(|p| p.replay_lsn);
+        }
+        let flipped = prev.is_none_or(|p| p.ok != status.ok || p.in_recovery != status.in_recovery);
+        map.insert(addr.clone(), status);
+        drop(map);
+        if flipped {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Forgets replicas not in `addrs`.
+    pub fn retain(&self, addrs: &[Arc<str>]) {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|k, _| addrs.contains(k));
+    }
+
+    /// Resolves when a replica went up or down (or was first seen).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, ReplicaHealth> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Parses one row of [`POLL_QUERY`].
+pub fn parse_poll_row(row: &[Option<String>], at: Instant) -> Option<ReplicaStatus> {
+    let in_recovery = row.first()?.as_deref()? == "t";
+    let replay_lsn = row.get(1)?.as_deref().and_then(|s| s.parse().ok());
+    let secs: f64 = row.get(2)?.as_deref()?.parse().ok()?;
+    let lag = Duration::try_from_secs_f64(secs.max(0.0)).ok()?;
+    Some(ReplicaStatus {
+        ok: true,
+        in_recovery,
+        replay_lsn,
+        lag: Some(lag),
+        at,
+    })
+}
+
+/// A failed poll.
+pub fn failed(at: Instant) -> ReplicaStatus {
+    ReplicaStatus {
+        ok: false,
+        in_recovery: false,
+        replay_lsn: None,
+        lag: None,
+        at,
+    }
+}
+
+/// How long one poll may take: five intervals, at least 1 s (a loaded host
+/// must not flap its replicas), at most 5 s.
+pub fn poll_timeout(interval: Duration) -> Duration {
+    (interval * 5).clamp(Duration::from_secs(1), Duration::from_secs(5))
+}
+
+/// Polls one replica forever (the caller aborts the task when the replica leaves).
+pub async fn poll_replica(params: ConnectParams, interval: Duration, table: ReplicaTable) {
+    // A poll must finish well within the interval's scale, but not give up on a
+    // loaded replica too eagerly.
+    let timeout = poll_timeout(interval);
+    let mut conn: Option<BackendConn> = None;
+    loop {
+        let result = tokio::time::timeout(timeout, poll_once(&params, &mut conn)).await;
+        let now = Instant::now();
+        let status = match result {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(replica = %params.addr, error = %e, "replica poll failed");
+                conn = None;
+                failed(now)
+            }
+            Err(_) => {
+                debug!(replica = %params.addr, "replica poll timed out");
+                conn = None;
+                failed(now)
+            }
+        };
+        table.record(&params.addr, status);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn poll_once(
+    params: &ConnectParams,
+    conn: &mut Option<BackendConn>,
+) -> Result<ReplicaStatus, BackendError> {
+    if conn.is_none() {
+        *conn = Some(BackendConn::connect(params).await?);
+    }
+    let Some(c) = conn.as_mut() else {
+        return Err(BackendError::Closed);
+    };
+    let rows = c.simple_query(POLL_QUERY).await?;
+    rows.first()
+        .and_then(|r| parse_poll_row(r, Instant::now()))
+        .ok_or_else(|| BackendError::Protocol("unexpected answer to the replica poll".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_poll_row() {
+        let now = Instant::now();
+        let row = vec![
+            Some("t".to_string()),
+            Some("0/3000060".to_string()),
+            Some("1.5".to_string()),
+        ];
+        let s = parse_poll_row(&row, now).unwrap();
+        assert!(s.ok && s.in_recovery);
+        assert_eq!(s.replay_lsn, Some(Lsn(0x300_0060)));
+        assert_eq!(s.lag, Some(Duration::from_millis(1500)));
+        // A primary answers f, NULL, 0.
+        let s = parse_poll_row(&[Some("f".into()), None, Some("0".into())], now).unwrap();
+        assert!(!s.in_recovery);
+        assert_eq!(s.replay_lsn, None);
+        assert!(parse_poll_row(&[Some("t".into())], now).is_none());
+        assert!(parse_poll_row(&[Some("t".into()), None, Some("x".into())], now).is_none());
+    }
+
+    #[test]
+    fn table_keeps_last_lsn_across_failures_and_forgets_removed() {
+        let t = ReplicaTable::default();
+        let a: Arc<str> = Arc::from("a:1");
+        let now = Instant::now();
+        assert_eq!(t.replay_lsn("a:1"), None);
+        t.record(
+            &a,
+            ReplicaStatus {
+                ok: true,
+                in_recovery: true,
+                replay_lsn: Some(Lsn(42)),
+                lag: Some(Duration::ZERO),
+                at: now,
+            },
+        );
+        assert_eq!(t.replay_lsn("a:1"), Some(Lsn(42)));
+        t.record(&a, failed(now));
+        assert_eq!(t.replay_lsn("a:1"), Some(Lsn(42)));
+        assert!(!t.status("a:1").unwrap().ok);
+        t.retain(&[]);
+        assert_eq!(t.replay_lsn("a:1"), None);
+        assert!(t.snapshot().is_empty());
+    }
+}
