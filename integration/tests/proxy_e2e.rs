@@ -50,6 +50,7 @@ impl Proxy {
                     admin: Some(admin),
                 },
                 topo_rx,
+                None,
                 stop_rx,
             )
             .await

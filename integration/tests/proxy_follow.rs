@@ -51,6 +51,7 @@ impl Proxy {
         cfg.validate().unwrap();
         let follower = follow::spawn(&cfg).unwrap();
         let topo_rx = follower.topology.clone();
+        let replicas = follower.replicas.clone();
         let (stop, stop_rx) = watch::channel(false);
         let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg));
         tokio::spawn(async move {
@@ -62,6 +63,7 @@ impl Proxy {
                     admin: Some(admin),
                 },
                 topo_rx,
+                Some(replicas),
                 stop_rx,
             )
             .await

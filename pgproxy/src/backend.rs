@@ -430,7 +430,8 @@ impl BackendConn {
     }
 }
 
-fn decode_text_row(f: &Frame) -> Result<Vec<Option<String>>, BackendError> {
+/// The columns of a text-format `DataRow`.
+pub fn decode_text_row(f: &Frame) -> Result<Vec<Option<String>>, BackendError> {
     let body = f.body();
     let bad = || BackendError::Protocol("malformed DataRow".into());
     if body.len() < 2 {

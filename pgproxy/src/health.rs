@@ -8,6 +8,14 @@
 //! can ask [`ReplicaTable::replay_lsn`]. A failed or timed-out poll marks the
 //! replica down at once (its connection is dropped and reopened next time).
 //!
+//! While a read waits for a replica to replay its LSN (read-your-writes), the
+//! pollers poll every [`crate::ryw::FAST_POLL`] instead of every interval
+//! ([`ReplicaTable::waiting`]); every recorded poll wakes the waiters
+//! ([`ReplicaTable::updated`]). The idle interval stays cheap, and a waiting
+//! read learns of the replay within ~10 ms plus the poll's round trip.
+//! With a static topology, [`follow_static`] runs the same pollers for the
+//! configured replicas.
+//!
 //! Limits: the lag is `now() - pg_last_xact_replay_timestamp()` on the replica,
 //! reported as 0 when everything received is replayed (an idle primary must not
 //! look like lag); a replica whose WAL receiver stalled therefore looks current
@@ -15,14 +23,18 @@
 //! proxy, detects.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use meridian_shared::lsn::Lsn;
 use tokio::sync::Notify;
-use tracing::debug;
+use tokio::task::JoinHandle;
+use tracing::{debug, Instrument};
 
 use crate::backend::{BackendConn, BackendError, ConnectParams};
+use crate::ryw::{Observed, FAST_POLL};
+use crate::topology::TopologyRx;
 
 /// The poll query: in recovery, replay LSN, lag in seconds.
 pub const POLL_QUERY: &str = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, \
@@ -53,9 +65,55 @@ pub type ReplicaHealth = HashMap<Arc<str>, ReplicaStatus>;
 pub struct ReplicaTable {
     inner: Arc<RwLock<ReplicaHealth>>,
     changed: Arc<Notify>,
+    /// Woken (all waiters) after every recorded poll.
+    updated: Arc<Notify>,
+    /// Reads currently waiting for a replay position.
+    waiting: Arc<AtomicUsize>,
+    /// Wakes sleeping pollers when a read starts waiting.
+    hurry: Arc<Notify>,
+}
+
+/// Held while a read waits on the table: pollers poll fast until it is dropped.
+pub struct WaitGuard {
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ReplicaTable {
+    /// What read-your-writes needs to know about `addr` (`None`: never polled).
+    pub fn observed(&self, addr: &str) -> Option<Observed> {
+        self.read().get(addr).map(|s| Observed {
+            ok: s.ok && s.in_recovery,
+            replay_lsn: s.replay_lsn,
+            lag: s.lag,
+        })
+    }
+
+    /// Registers a waiting read: pollers switch to [`FAST_POLL`] (and the
+    /// sleeping ones poll at once) until the guard is dropped.
+    pub fn wait_guard(&self) -> WaitGuard {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.hurry.notify_waiters();
+        WaitGuard {
+            waiting: self.waiting.clone(),
+        }
+    }
+
+    /// Number of reads waiting right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Resolves after the next recorded poll of any replica.
+    pub async fn updated(&self) {
+        self.updated.notified().await
+    }
+
     /// The last replay position seen on `addr`, if it was ever polled.
     pub fn replay_lsn(&self, addr: &str) -> Option<Lsn> {
         self.read().get(addr).and_then(|s| s.replay_lsn)
@@ -81,6 +139,7 @@ impl ReplicaTable {
         let flipped = prev.is_none_or(|p| p.ok != status.ok || p.in_recovery != status.in_recovery);
         map.insert(addr.clone(), status);
         drop(map);
+        self.updated.notify_waiters();
         if flipped {
             self.changed.notify_one();
         }
@@ -157,7 +216,71 @@ pub async fn poll_replica(params: ConnectParams, interval: Duration, table: Repl
             }
         };
         table.record(&params.addr, status);
-        tokio::time::sleep(interval).await;
+        // Register for a hurry-up before looking at the waiting count, so a
+        // read that starts waiting in between is not missed.
+        let hurry = table.hurry.notified();
+        tokio::pin!(hurry);
+        hurry.as_mut().enable();
+        let pause = next_poll_in(interval, table.waiting());
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = hurry => {}
+        }
+    }
+}
+
+/// The pause before the next poll: the interval, or [`FAST_POLL`] while reads wait.
+pub fn next_poll_in(interval: Duration, waiting: usize) -> Duration {
+    if waiting > 0 {
+        interval.min(FAST_POLL)
+    } else {
+        interval
+    }
+}
+
+/// Polls the replicas of a static topology (and follows its reloads) so that
+/// read-your-writes knows their replay positions. Runs until aborted.
+pub async fn follow_static(
+    mut topology: TopologyRx,
+    params: ConnectParams,
+    interval: Duration,
+    table: ReplicaTable,
+) {
+    let mut pollers: HashMap<Arc<str>, JoinHandle<()>> = HashMap::new();
+    loop {
+        let wanted: Vec<Arc<str>> = topology
+            .borrow_and_update()
+            .replicas
+            .iter()
+            .map(|r| r.addr.clone())
+            .collect();
+        pollers.retain(|addr, task| {
+            let keep = wanted.contains(addr);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        table.retain(&wanted);
+        for addr in &wanted {
+            if !pollers.contains_key(addr) {
+                let p = ConnectParams {
+                    addr: addr.clone(),
+                    ..params.clone()
+                };
+                let task = tokio::spawn(
+                    poll_replica(p, interval, table.clone())
+                        .instrument(tracing::debug_span!("replica_poll", replica = %addr)),
+                );
+                pollers.insert(addr.clone(), task);
+            }
+        }
+        if topology.changed().await.is_err() {
+            break;
+        }
+    }
+    for t in pollers.values() {
+        t.abort();
     }
 }
 
@@ -199,6 +322,28 @@ mod tests {
         assert_eq!(s.replay_lsn, None);
         assert!(parse_poll_row(&[Some("t".into())], now).is_none());
         assert!(parse_poll_row(&[Some("t".into()), None, Some("x".into())], now).is_none());
+    }
+
+    #[test]
+    fn polls_fast_only_while_reads_wait() {
+        let t = ReplicaTable::default();
+        let i = Duration::from_millis(200);
+        assert_eq!(next_poll_in(i, t.waiting()), i);
+        let g = t.wait_guard();
+        let g2 = t.wait_guard();
+        assert_eq!(t.waiting(), 2);
+        assert_eq!(next_poll_in(i, t.waiting()), FAST_POLL);
+        assert_eq!(
+            next_poll_in(Duration::from_millis(5), 1),
+            Duration::from_millis(5)
+        );
+        drop(g);
+        drop(g2);
+        assert_eq!(t.waiting(), 0);
+        let a: Arc<str> = Arc::from("a:1");
+        assert_eq!(t.observed("a:1"), None);
+        t.record(&a, failed(Instant::now()));
+        assert!(!t.observed("a:1").unwrap().ok);
     }
 
     #[test]

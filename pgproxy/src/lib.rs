@@ -8,7 +8,8 @@
 //!
 //! Module map, by phase of a connection: [`handshake`] (TLS, startup, cancel),
 //! [`auth`], [`route`] (pure decision), [`pool`]/[`backend`] (connect),
-//! [`session`] (relay and session state), [`cancel`], [`metrics`].
+//! [`session`] (relay and session state), [`ryw`] (read-your-writes
+//! decisions), [`cancel`], [`metrics`].
 //! The topology comes from [`topology`] (static) or [`follow`] (etcd, with
 //! replica health from [`health`]).
 
@@ -23,6 +24,7 @@ pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod route;
+pub mod ryw;
 pub mod session;
 pub mod stream;
 pub mod tls;
@@ -42,7 +44,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::backend::ConnectParams;
 use crate::cancel::CancelRegistry;
+use crate::health::ReplicaTable;
 use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::tls::BackendTls;
@@ -64,6 +68,8 @@ pub struct Shared {
     config: watch::Receiver<Arc<ProxyConfig>>,
     pub pools: Arc<Pools>,
     pub topology: TopologyRx,
+    /// Replay positions and lag of the replicas (read-your-writes, staleness bound).
+    pub replicas: ReplicaTable,
     pub classifier: Classifier,
     catalog: RwLock<Arc<FunctionCatalog>>,
     pub cancel: CancelRegistry,
@@ -119,10 +125,15 @@ pub struct Listeners {
 ///
 /// A new value in `config` (SIGHUP) applies to users, routing and pools created
 /// from then on; listeners and TLS keep their start-up settings.
+///
+/// `replicas` is the replica table kept by the topology's source (the etcd
+/// follower's); with `None` (a static topology) the proxy polls the
+/// topology's replicas itself, so read-your-writes works in both cases.
 pub async fn run(
     config: watch::Receiver<Arc<ProxyConfig>>,
     listeners: Listeners,
     topology: TopologyRx,
+    replicas: Option<ReplicaTable>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
     let cfg = config.borrow().clone();
@@ -133,7 +144,31 @@ pub async fn run(
     let pools = Arc::new(Pools::new(metrics.fencing_rejections.clone()));
     let mut catalog = FunctionCatalog::with_builtin_defaults();
     catalog.add_read_safe(cfg.routing.read_safe_functions.iter().cloned());
+    let mut tasks = tokio::task::JoinSet::new();
+    let replicas = match replicas {
+        Some(t) => t,
+        None => {
+            let table = ReplicaTable::default();
+            let params = ConnectParams {
+                addr: Arc::from(""),
+                user: cfg.routing.catalog_user.clone(),
+                database: cfg.routing.catalog_database.clone(),
+                password: cfg.routing.catalog_password.clone(),
+                tls: backend_tls.clone(),
+                connect_timeout: cfg.pool.connect_timeout.min(Duration::from_secs(2)),
+                max_message: cfg.max_message_size,
+            };
+            tasks.spawn(health::follow_static(
+                topology.clone(),
+                params,
+                cfg.etcd.replica_poll_interval,
+                table.clone(),
+            ));
+            table
+        }
+    };
     let shared = Arc::new(Shared {
+        replicas,
         classifier: Classifier::new(cfg.routing.parse_cache_size),
         catalog: RwLock::new(Arc::new(catalog)),
         config,
@@ -147,7 +182,6 @@ pub async fn run(
         next_session: AtomicU64::new(1),
         clients: AtomicUsize::new(0),
     });
-    let mut tasks = tokio::task::JoinSet::new();
     if let Some(admin) = listeners.admin {
         tasks.spawn(metrics::serve_admin(admin, metrics.clone(), pools.clone()));
     }

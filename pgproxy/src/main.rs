@@ -84,6 +84,13 @@ struct Args {
     /// Replicas replaying further behind than this get no reads [default: 5s].
     #[arg(long, env = "MERIDIAN_PGPROXY_MAX_REPLICA_LAG", value_parser = humantime::parse_duration)]
     max_replica_lag: Option<Duration>,
+    /// How long a read waits for a replica to replay the session's last commit
+    /// (or `meridian.min_lsn`) before it runs on the primary [default: 200ms].
+    #[arg(long, env = "MERIDIAN_PGPROXY_RYW_WAIT", value_parser = humantime::parse_duration)]
+    ryw_wait: Option<Duration>,
+    /// Read-your-writes on or off [default: true].
+    #[arg(long, env = "MERIDIAN_PGPROXY_READ_YOUR_WRITES")]
+    read_your_writes: Option<bool>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -162,6 +169,12 @@ impl Args {
         if let Some(v) = self.max_replica_lag {
             cfg.etcd.max_replica_lag = v;
         }
+        if let Some(v) = self.ryw_wait {
+            cfg.routing.ryw_wait = v;
+        }
+        if let Some(v) = self.read_your_writes {
+            cfg.routing.read_your_writes = v;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -225,7 +238,14 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let (config_tx, config_rx) = watch::channel(Arc::new(cfg));
-    let proxy = run(config_rx, Listeners { clients, admin }, topo_rx, stop_rx);
+    let replicas = follower.as_ref().map(|f| f.replicas.clone());
+    let proxy = run(
+        config_rx,
+        Listeners { clients, admin },
+        topo_rx,
+        replicas,
+        stop_rx,
+    );
     tokio::pin!(proxy);
     loop {
         tokio::select! {

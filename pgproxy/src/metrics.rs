@@ -23,6 +23,11 @@ pub struct TargetLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabel {
     pub class: String,
 }
@@ -54,6 +59,11 @@ pub struct Metrics {
     pub replicas_healthy: Gauge,
     /// 1 while a serving primary is known.
     pub primary_available: Gauge,
+    /// Reads with a read-your-writes / causal / staleness requirement, by outcome
+    /// (`replica_immediate`, `replica_after_wait`, `primary_fallback`).
+    pub ryw_reads: Family<OutcomeLabel, Counter>,
+    /// Time such reads waited for a replica to replay their LSN.
+    pub ryw_wait_seconds: Histogram,
 }
 
 impl Metrics {
@@ -133,7 +143,21 @@ impl Metrics {
             "1 while the topology names a serving primary",
             primary_available.clone(),
         );
+        let ryw_reads = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "ryw_reads",
+            "Reads that needed a replay position or staleness bound, by outcome",
+            ryw_reads.clone(),
+        );
+        let ryw_wait_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 12));
+        registry.register(
+            "ryw_wait_seconds",
+            "Time reads waited for a replica to replay the session's required LSN",
+            ryw_wait_seconds.clone(),
+        );
         Metrics {
+            ryw_reads,
+            ryw_wait_seconds,
             failover_holds,
             failover_hold_seconds,
             failover_hold_timeouts,

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meridian_shared::config::PoolMode;
+use meridian_shared::lsn::Lsn;
 use meridian_sqlroute::{Analysis, PinReason, TxEffect};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
@@ -29,9 +30,10 @@ use tracing::{debug, warn};
 use crate::backend::{BackendConn, BackendError, ConnectParams, Reset};
 use crate::cancel::{BackendKey, CancelSlot};
 use crate::client::{ClientConn, ClientError};
-use crate::metrics::TargetLabel;
+use crate::metrics::{OutcomeLabel, TargetLabel};
 use crate::pool::{self, PoolError, Pooled};
 use crate::route::{self, SessionView, Which};
+use crate::ryw::{self, Command, RywStep, Setting};
 use crate::wire::{self, Frame};
 use crate::Shared;
 
@@ -99,6 +101,9 @@ enum Pending {
     },
     Close,
     Sync,
+    /// The proxy's own commit-LSN query ([`ryw::COMMIT_LSN_QUERY`]): its rows
+    /// update `last_commit_lsn`, nothing reaches the client.
+    Lsn,
     /// Answered by the proxy itself when it reaches the head of the queue.
     Synthetic(Frame),
 }
@@ -213,6 +218,19 @@ pub struct Session<S> {
     cancel_target: Option<(Which, i32)>,
     /// The backend's own FATAL error was already forwarded for the current loss.
     loss_reported: bool,
+    /// Highest commit LSN of this session's writes (read-your-writes).
+    last_commit_lsn: Option<Lsn>,
+    /// `SET meridian.min_lsn`: the causal token reads must wait for.
+    min_lsn: Option<Lsn>,
+    /// `SET meridian.max_staleness`.
+    max_staleness: Option<Duration>,
+    /// The replica the read-your-writes decision chose for the next acquisition.
+    want_replica: Option<Arc<str>>,
+    /// The current extended batch executed something that commits.
+    batch_commit: bool,
+    /// A committing statement is running on the primary: learn the commit LSN
+    /// once its ReadyForQuery says idle.
+    commit_pending: bool,
 }
 
 fn stmt_hash(query: &str, types: &[u8]) -> u64 {
@@ -258,6 +276,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             query_start: None,
             cancel_target: None,
             loss_reported: false,
+            last_commit_lsn: None,
+            min_lsn: None,
+            max_staleness: None,
+            want_replica: None,
+            batch_commit: false,
+            commit_pending: false,
         }
     }
 
@@ -363,18 +387,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// discarded first, so a new transaction never starts on it.
     async fn acquire_raw(&mut self, w: Which) -> Result<(), PoolError> {
         self.discard_stale(w);
+        // The read-your-writes choice applies to this acquisition only.
+        let want = self.want_replica.take();
         if self.slot(w).is_some() {
             return Ok(());
         }
         let conn = match w {
             Which::Primary => self.connect_primary().await?,
             Which::Replica => {
-                let addr = self
-                    .shared
-                    .topology
-                    .borrow()
-                    .pick_replica(&self.shared.config().region, self.salt)
-                    .map(|b| b.addr.clone());
+                let addr = want.or_else(|| {
+                    self.shared
+                        .topology
+                        .borrow()
+                        .pick_replica(&self.shared.config().region, self.salt)
+                        .map(|b| b.addr.clone())
+                });
                 let Some(addr) = addr else {
                     return Err(PoolError::ConnectFailed {
                         addr: Arc::from("(none)"),
@@ -724,8 +751,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(mut c) = self.slot(w).take() {
             c.broken = true;
         }
-        let busy = self.active == Some(w) && !self.pending.is_empty();
+        let busy = self.active == Some(w)
+            && self
+                .pending
+                .iter()
+                .any(|p| !matches!(p, Pending::Lsn | Pending::Query { swallow: true, .. }));
         if !busy {
+            // Only the proxy's own queries were in flight: nothing to tell the client.
+            if self.active == Some(w) {
+                self.pending.clear();
+                self.active = None;
+            }
             debug!(backend = ?w, error = %e, "idle backend connection lost; dropped");
             if self.tx_backend == Some(w) {
                 self.tx_backend = None;
@@ -772,7 +808,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     first = false;
                     trailing = false;
                 }
-                Pending::Query { swallow: true, .. } => {}
+                Pending::Query { swallow: true, .. } | Pending::Lsn => {}
                 _ => trailing = true,
             }
         }
@@ -906,6 +942,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.tx_lost {
             return self.answer_lost_tx(tx, false).await;
         }
+        if let Some(cmd) = ryw::parse_command(&sql) {
+            if !self.pending.is_empty() {
+                self.stalled = Some(f);
+                return Ok(());
+            }
+            return self.answer_command(cmd).await;
+        }
         // Transaction start: defer until the transaction's first statement shows where it runs.
         if self.tx_status == b'I'
             && self.pending.is_empty()
@@ -942,6 +985,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.must_stall(target, &f) {
             return Ok(());
         }
+        let target = self.ryw_route(target, &analysis).await;
+        if self.must_stall(target, &f) {
+            return Ok(());
+        }
+        let in_tx = self.tx_backend.is_some() || self.lazy_begin.is_some();
+        let commits = target == Which::Primary
+            && self.learns_commits()
+            && ryw::commit_point(&analysis, &self.shared.catalog(), in_tx);
         if let Err(e) = self.prepare_backend(target).await {
             return self.answer_no_backend(e, true).await;
         }
@@ -954,8 +1005,214 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             analysis: Some(analysis),
             failed: false,
         });
+        if commits {
+            self.commit_pending = true;
+        }
         self.active = Some(target);
         self.set_cancel_target(target);
+        Ok(())
+    }
+
+    /// Whether the session learns its commit LSNs (`routing.read_your_writes`).
+    fn learns_commits(&self) -> bool {
+        self.shared.config().routing.read_your_writes
+    }
+
+    /// Queues the commit-LSN query on `w` (called when the committing
+    /// statement's ReadyForQuery arrives, idle, before it is forwarded); its
+    /// answer is swallowed. No round trip is added to the client's path: the
+    /// client's ReadyForQuery is forwarded at once, before this answer arrives.
+    fn queue_commit_lsn(&mut self, w: Which) {
+        if let Some(c) = self.conn(w) {
+            c.queue(&wire::encode_query(ryw::COMMIT_LSN_QUERY).raw);
+            self.pending.push_back(Pending::Lsn);
+        }
+    }
+
+    /// What a read needs from a replica: the session's last commit, its
+    /// `meridian.min_lsn`, the statement's `min_lsn` hint, its staleness bound.
+    fn ryw_need(&self, analysis: &Analysis) -> ryw::Need {
+        let hint = analysis
+            .hint
+            .min_lsn
+            .as_deref()
+            .and_then(|h| h.parse::<Lsn>().ok());
+        let own = if self.learns_commits() {
+            self.last_commit_lsn
+        } else {
+            None
+        };
+        ryw::Need {
+            lsn: own.max(self.min_lsn).max(hint),
+            max_staleness: self.max_staleness,
+        }
+    }
+
+    /// Read-your-writes for a read routed to a replica: keeps a held replica
+    /// that fits, else picks one that has replayed the required LSN (waiting
+    /// up to `routing.ryw_wait`, with the pollers polling fast meanwhile), else
+    /// sends the read to the primary. Outside a transaction only.
+    async fn ryw_route(&mut self, target: Which, analysis: &Analysis) -> Which {
+        if target != Which::Replica || self.tx_backend.is_some() {
+            return target;
+        }
+        let need = self.ryw_need(analysis);
+        if need.is_empty() {
+            return target;
+        }
+        let table = self.shared.replicas.clone();
+        let cfg = self.shared.config();
+        let metrics = self.shared.metrics.clone();
+        let count = |outcome: &'static str, waited: Duration| {
+            metrics
+                .ryw_reads
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc();
+            metrics.ryw_wait_seconds.observe(waited.as_secs_f64());
+        };
+        // A held local replica that fits is kept (a held remote one is not: the
+        // local replica is preferred again as soon as it catches up).
+        if let Some(c) = &self.replica {
+            let local = self
+                .shared
+                .topology
+                .borrow()
+                .replicas
+                .iter()
+                .any(|b| b.addr == c.addr && b.region == cfg.region);
+            if local
+                && ryw::fits(&need, table.observed(&c.addr).as_ref()) == ryw::Fit::Yes
+                && !self.held_is_stale(Which::Replica)
+            {
+                count("replica_immediate", Duration::ZERO);
+                return Which::Replica;
+            }
+        }
+        // A client pipelining behind a statement still running cannot wait here.
+        let can_wait = self.pending.is_empty();
+        let started = Instant::now();
+        let mut guard = None;
+        loop {
+            let (local, remote) = {
+                let topo = self.shared.topology.borrow();
+                let (l, r): (Vec<_>, Vec<_>) = topo
+                    .replicas
+                    .iter()
+                    .filter(|b| b.usable())
+                    .partition(|b| b.region == cfg.region);
+                let addrs = |v: Vec<&crate::topology::Backend>| -> Vec<Arc<str>> {
+                    v.into_iter().map(|b| b.addr.clone()).collect()
+                };
+                (addrs(l), addrs(r))
+            };
+            let obs = |v: &[Arc<str>]| -> Vec<Option<ryw::Observed>> {
+                v.iter().map(|a| table.observed(a)).collect()
+            };
+            let waited = if can_wait {
+                started.elapsed()
+            } else {
+                cfg.routing.ryw_wait
+            };
+            let step = ryw::ryw_target(
+                &need,
+                &obs(&local),
+                &obs(&remote),
+                self.salt,
+                waited,
+                cfg.routing.ryw_wait,
+            );
+            let addr = match step {
+                RywStep::Local(i) => local.get(i).cloned(),
+                RywStep::Remote(i) => remote.get(i).cloned(),
+                RywStep::Wait(remaining) => {
+                    guard.get_or_insert_with(|| table.wait_guard());
+                    tokio::select! {
+                        _ = table.updated() => {}
+                        _ = tokio::time::sleep(remaining.min(ryw::FAST_POLL)) => {}
+                    }
+                    continue;
+                }
+                RywStep::Primary => None,
+            };
+            let waited = started.elapsed();
+            let Some(addr) = addr else {
+                count("primary_fallback", waited);
+                debug!(?need, ?waited, "read-your-writes: read runs on the primary");
+                return Which::Primary;
+            };
+            if let Some(c) = &self.replica {
+                if c.addr != addr {
+                    if !self.pending.is_empty() {
+                        count("primary_fallback", waited);
+                        return Which::Primary;
+                    }
+                    // The held replica is behind: give it back, take the one that fits.
+                    self.replica = None;
+                    if self.active == Some(Which::Replica) {
+                        self.active = None;
+                    }
+                }
+            }
+            self.want_replica = Some(addr);
+            count(
+                if guard.is_some() {
+                    "replica_after_wait"
+                } else {
+                    "replica_immediate"
+                },
+                waited,
+            );
+            return Which::Replica;
+        }
+    }
+
+    /// Answers `SET`/`RESET`/`SHOW` of the proxy's own session settings.
+    async fn answer_command(&mut self, cmd: Command) -> Result<(), SessionError> {
+        let read_only = |s: Setting| {
+            format!(
+                "parameter \"{}\" cannot be changed: it is set by the proxy",
+                s.name()
+            )
+        };
+        match cmd {
+            Command::Show(s) => {
+                let value = match s {
+                    Setting::LastCommitLsn => self.last_commit_lsn.unwrap_or(Lsn::ZERO).to_string(),
+                    Setting::MinLsn => self.min_lsn.unwrap_or(Lsn::ZERO).to_string(),
+                    Setting::MaxStaleness => ryw::format_staleness(self.max_staleness),
+                };
+                self.client.send(&wire::row_description_text(s.name()));
+                self.client.send(&wire::data_row_text(&value));
+                self.client.send(&wire::command_complete("SHOW"));
+            }
+            Command::Set(Setting::MinLsn, v) => match ryw::parse_min_lsn(&v) {
+                Ok(lsn) => {
+                    self.min_lsn = lsn;
+                    self.client.send(&wire::command_complete("SET"));
+                }
+                Err(e) => self.send_error("22023", &e.to_string()),
+            },
+            Command::Set(Setting::MaxStaleness, v) => match ryw::parse_staleness(&v) {
+                Ok(d) => {
+                    self.max_staleness = Some(d);
+                    self.client.send(&wire::command_complete("SET"));
+                }
+                Err(e) => self.send_error("22023", &e.to_string()),
+            },
+            Command::Set(Setting::LastCommitLsn, _) | Command::Reset(Setting::LastCommitLsn) => {
+                self.send_error("55P02", &read_only(Setting::LastCommitLsn))
+            }
+            Command::Reset(Setting::MinLsn) => {
+                self.min_lsn = None;
+                self.client.send(&wire::command_complete("RESET"));
+            }
+            Command::Reset(Setting::MaxStaleness) => {
+                self.max_staleness = None;
+                self.client.send(&wire::command_complete("RESET"));
+            }
+        }
+        self.client.send(&wire::ready_for_query(self.tx_status));
+        self.client.flush().await?;
         Ok(())
     }
 
@@ -1142,6 +1399,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if self.must_stall(w, &f) {
                     return Ok(());
                 }
+                let w = match &analysis {
+                    Some(a) => self.ryw_route(w, a).await,
+                    None => w,
+                };
+                if self.must_stall(w, &f) {
+                    return Ok(());
+                }
                 if let Err(e) = self.prepare_backend(w).await {
                     let ready = f.tag == b'S';
                     return self.answer_no_backend(e, ready).await;
@@ -1184,6 +1448,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             b'E' => {
                 let analysis = self.last_bound.as_ref().map(|s| s.analysis.clone());
+                if let Some(a) = &analysis {
+                    if target == Which::Primary
+                        && ryw::commit_point(a, &self.shared.catalog(), self.tx_backend.is_some())
+                    {
+                        self.batch_commit = true;
+                    }
+                }
                 self.queue_to(target, &f);
                 self.pending.push_back(Pending::Execute { analysis });
             }
@@ -1204,6 +1475,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             b'S' => {
                 self.queue_to(target, &f);
                 self.pending.push_back(Pending::Sync);
+                if std::mem::take(&mut self.batch_commit)
+                    && target == Which::Primary
+                    && self.learns_commits()
+                {
+                    self.commit_pending = true;
+                }
             }
             _ => {}
         }
@@ -1327,6 +1604,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let eff = &st.session;
             if eff.reset_all {
                 self.params.reset_all();
+                self.min_lsn = None;
+                self.max_staleness = None;
                 self.read_only_session = false;
                 if let Some(c) = self.conn(w) {
                     // DISCARD ALL also drops prepared statements; forget ours.
@@ -1388,6 +1667,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(());
         }
         self.drain_synthetic();
+        if matches!(self.pending.front(), Some(Pending::Lsn)) {
+            match f.tag {
+                b'D' => {
+                    let lsn = crate::backend::decode_text_row(&f)
+                        .ok()
+                        .and_then(|r| r.into_iter().next().flatten())
+                        .and_then(|t| t.parse::<Lsn>().ok());
+                    if let Some(lsn) = lsn {
+                        self.last_commit_lsn = self.last_commit_lsn.max(Some(lsn));
+                    }
+                }
+                b'Z' => self.on_ready(w, f),
+                b'N' | b'A' | b'S' => self.client.send(&f),
+                b'E' => {
+                    let (severity, code, message) = wire::error_fields(&f);
+                    if severity == "FATAL" || severity == "PANIC" {
+                        debug!(%code, %message, "backend closing during the commit LSN query; dropped");
+                        return self.backend_lost(w, BackendError::Closed).await;
+                    }
+                    self.on_backend_error(w, f)
+                }
+                _ => {}
+            }
+            self.drain_synthetic();
+            return Ok(());
+        }
         let swallowing = matches!(
             self.pending.front(),
             Some(Pending::Query { swallow: true, .. })
@@ -1468,6 +1773,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 warn!(backend = ?w, %code, %message, "replaying session state failed");
                 return;
             }
+            Some(Pending::Lsn) => {
+                debug!(%code, %message, "commit LSN query failed");
+                return;
+            }
             Some(Pending::Query { failed, .. }) => {
                 *failed = true;
             }
@@ -1515,6 +1824,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             c.tx_status = status;
         }
         let item = self.pending.pop_front();
+        if matches!(item, Some(Pending::Lsn)) {
+            if self.pending.is_empty() {
+                self.active = None;
+                if status == b'I'
+                    && self.login.mode == PoolMode::Transaction
+                    && self.pinned.is_none()
+                {
+                    self.release_all();
+                }
+            }
+            return;
+        }
         let swallow = matches!(item, Some(Pending::Query { swallow: true, .. }));
         if let Some(Pending::Query {
             analysis: Some(a),
@@ -1531,6 +1852,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.batch = None;
         self.tx_status = status;
         self.tx_backend = if status == b'I' { None } else { Some(w) };
+        if std::mem::take(&mut self.commit_pending) && status == b'I' && w == Which::Primary {
+            self.queue_commit_lsn(w);
+        }
         self.client.send(&f);
         if let Some(start) = self.query_start.take() {
             self.shared

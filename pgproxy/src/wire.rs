@@ -310,6 +310,30 @@ pub fn error_response(severity: &str, code: &str, message: &str) -> Frame {
     Frame::new(b'E', &body)
 }
 
+/// Builds a one-column `RowDescription` of type `text` in text format.
+pub fn row_description_text(column: &str) -> Frame {
+    let mut body = Vec::with_capacity(column.len() + 21);
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(column.as_bytes());
+    body.push(0);
+    body.extend_from_slice(&0i32.to_be_bytes()); // table oid
+    body.extend_from_slice(&0i16.to_be_bytes()); // attribute number
+    body.extend_from_slice(&25i32.to_be_bytes()); // type oid: text
+    body.extend_from_slice(&(-1i16).to_be_bytes()); // type length
+    body.extend_from_slice(&(-1i32).to_be_bytes()); // type modifier
+    body.extend_from_slice(&0i16.to_be_bytes()); // format: text
+    Frame::new(b'T', &body)
+}
+
+/// Builds a one-column `DataRow` holding `value` as text.
+pub fn data_row_text(value: &str) -> Frame {
+    let mut body = Vec::with_capacity(value.len() + 6);
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&(value.len() as i32).to_be_bytes());
+    body.extend_from_slice(value.as_bytes());
+    Frame::new(b'D', &body)
+}
+
 /// Builds a `ParameterStatus`.
 pub fn parameter_status(name: &str, value: &str) -> Frame {
     let mut body = Vec::with_capacity(name.len() + value.len() + 2);

@@ -52,7 +52,9 @@ impl ClusterSpec {
             regions: regions.iter().map(|r| r.to_string()).collect(),
             coordinators: 2,
             config: None,
-            lease_ttl: Duration::from_secs(3),
+            // 5 s: an agent fences itself after 4 s without renewal, which a loaded
+            // 2-core CI machine must never cause by accident.
+            lease_ttl: Duration::from_secs(5),
             ready_timeout: Duration::from_secs(90),
         }
     }

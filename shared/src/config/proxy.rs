@@ -279,6 +279,13 @@ pub struct RoutingConfig {
     pub catalog_database: String,
     /// Number of distinct statement texts whose analysis is cached. Default 10000.
     pub parse_cache_size: usize,
+    /// Read-your-writes: after a session's write commits, its reads go to a replica only
+    /// once the replica has replayed the commit. Default true.
+    pub read_your_writes: bool,
+    /// How long a read waits for a replica to replay the session's required LSN before it
+    /// runs on the primary instead. Default `200ms`; at most `10s`.
+    #[serde(with = "humantime_serde")]
+    pub ryw_wait: Duration,
 }
 
 impl Default for RoutingConfig {
@@ -291,6 +298,8 @@ impl Default for RoutingConfig {
             catalog_password: None,
             catalog_database: "postgres".into(),
             parse_cache_size: 10_000,
+            read_your_writes: true,
+            ryw_wait: Duration::from_millis(200),
         }
     }
 }
@@ -384,6 +393,12 @@ impl ProxyConfig {
             check_addr("admin_listen", &self.admin_listen)?;
         }
         self.etcd.validate()?;
+        if self.routing.ryw_wait > Duration::from_secs(10) {
+            return Err(ConfigError::invalid(
+                "routing.ryw_wait",
+                "must be at most 10s",
+            ));
+        }
         if self.etcd.enabled() {
             if self.backends.primary.is_some() {
                 return Err(ConfigError::invalid(
