@@ -91,7 +91,10 @@ impl Proc {
             return;
         }
         signal(self.pid, Signal::SIGTERM);
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
             self.kill9().await;
         }
     }

@@ -228,9 +228,13 @@ mod tests {
     async fn a_cut_link_drops_connections_and_refuses_new_ones_until_healed() {
         let echo = echo_server().await;
         let ctl = LinkControl::new(Duration::ZERO, Duration::ZERO);
-        let link = Link::start("127.0.0.1:0".parse().unwrap(), echo.to_string(), ctl.clone())
-            .await
-            .unwrap();
+        let link = Link::start(
+            "127.0.0.1:0".parse().unwrap(),
+            echo.to_string(),
+            ctl.clone(),
+        )
+        .await
+        .unwrap();
         let mut s = TcpStream::connect(link.local_addr()).await.unwrap();
         s.write_all(b"a").await.unwrap();
         let mut one = [0u8; 1];

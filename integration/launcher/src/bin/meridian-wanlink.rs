@@ -18,7 +18,12 @@ use meridian_launcher::wanlink::{Link, LinkControl};
 #[command(version, about = "Userspace WAN delay for TCP links")]
 struct Args {
     /// `LISTEN=TARGET@DELAY`, e.g. `0.0.0.0:5432=us-east-1:5432@40ms`; repeatable.
-    #[arg(long = "link", env = "MERIDIAN_WANLINK_LINKS", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "link",
+        env = "MERIDIAN_WANLINK_LINKS",
+        value_delimiter = ',',
+        required = true
+    )]
     links: Vec<String>,
     /// Extra random delay per chunk, at most this much (default 0ms).
     #[arg(long, env = "MERIDIAN_WANLINK_JITTER", default_value = "0ms")]
