@@ -105,6 +105,11 @@ pub struct Args {
     /// e.g. "host all,replication all 10.0.0.0/8 scram-sha-256".
     #[arg(long, env = "MERIDIAN_AGENT_PG_HBA", value_delimiter = ';')]
     pub pg_hba: Vec<String>,
+    /// The region's Redis for the result cache (issue 4), e.g. redis://127.0.0.1:6379/.
+    /// The agent applies the coordinator's Invalidate/FlushCache there. Default: none
+    /// (those commands are acknowledged `Failed: no redis configured`).
+    #[arg(long, env = "MERIDIAN_AGENT_REDIS")]
+    pub redis: Option<String>,
 }
 
 /// A flag has an unusable value.
@@ -144,6 +149,8 @@ pub struct AgentConfig {
     pub http_listen: Option<SocketAddr>,
     pub pg_settings: Vec<(String, String)>,
     pub pg_hba: Vec<String>,
+    /// `--redis`: the region's Redis URL.
+    pub redis: Option<String>,
 }
 
 impl AgentConfig {
@@ -251,6 +258,10 @@ impl AgentConfig {
                 .map(|l| l.trim().to_owned())
                 .filter(|l| !l.is_empty())
                 .collect(),
+            redis: args
+                .redis
+                .map(|r| r.trim().to_owned())
+                .filter(|r| !r.is_empty()),
         })
     }
 }

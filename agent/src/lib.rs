@@ -7,8 +7,9 @@
 //! [`probe`] observes PostgreSQL every heartbeat interval; [`member`] holds the
 //! etcd lease and member record, watches `leader`/`epoch` and fences a primary
 //! whose lease lapses; [`link`] is the QUIC link to the active coordinator;
-//! [`http`] serves `/health` and `/metrics`. WAL decoding and the regional cache
-//! (issue 4) are not built yet.
+//! [`http`] serves `/health` and `/metrics`; [`invalidation`] streams the
+//! primary's changes to the coordinator and applies cache invalidations to the
+//! region's Redis (issue 4).
 //!
 //! Where the agent goes beyond or refines docs/control-path.md:
 //! - slot names lower-case the node name and map every character outside
@@ -24,6 +25,7 @@ pub mod config;
 pub mod controller;
 pub mod decide;
 pub mod http;
+pub mod invalidation;
 pub mod link;
 pub mod member;
 pub mod postgres;
@@ -189,6 +191,27 @@ pub async fn run(
     tasks.push(tokio::spawn(
         probe::run(node.clone(), shared.clone(), interval, ops_tx.clone()).instrument(span.clone()),
     ));
+    let applier = match &cfg.redis {
+        Some(url) => Some(Arc::new(
+            invalidation::redis_apply::RedisApplier::new(
+                url,
+                &cfg.cluster,
+                invalidation::redis_apply::RedisApplyConfig::default(),
+            )
+            .context("--redis")?,
+        )),
+        None => None,
+    };
+    let (inval_link, batch_tx, ack_rx) = invalidation::channels(applier);
+    tasks.push(tokio::spawn(
+        invalidation::run_primary(
+            shared.clone(),
+            invalidation::stream::StreamConfig::new(&node.host(), node.port()),
+            batch_tx,
+            ack_rx,
+        )
+        .instrument(span.clone()),
+    ));
     let link_task = tokio::spawn(
         link::run(
             etcd.clone(),
@@ -197,6 +220,7 @@ pub async fn run(
             shared.clone(),
             ops_tx.clone(),
             interval,
+            inval_link,
         )
         .instrument(span.clone()),
     );

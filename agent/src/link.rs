@@ -6,7 +6,9 @@
 //! each with an `Ack`. Stale commands are refused here at once; duplicates (the
 //! coordinator re-sends unacknowledged commands every second) are not run twice:
 //! a command in progress is ignored, a finished one is acknowledged again with
-//! its result. `Invalidate`/`FlushCache` are acknowledged at once (issue 4).
+//! its result. `Changes` batches from [`crate::invalidation`] are sent as they
+//! come and the coordinator's `Ack { batch_id }` goes back to the stream;
+//! `Invalidate`/`FlushCache` are applied to the region's Redis (issue 4).
 //! Any close or error (a standby coordinator closes with code 1 "standby"):
 //! re-read the election and dial again, backing off 100 ms doubling to 1 s.
 
@@ -29,6 +31,7 @@ use tracing::Instrument;
 
 use crate::controller::{kind_and_epoch, Op};
 use crate::decide;
+use crate::invalidation::{self, LinkSide};
 use crate::state::{PgStatus, Shared};
 
 /// Backoff bounds between connection attempts.
@@ -80,6 +83,7 @@ pub async fn run(
     shared: Arc<Shared>,
     ops: mpsc::Sender<Op>,
     interval: Duration,
+    mut inval: LinkSide,
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut seq = 0u64;
@@ -94,6 +98,7 @@ pub async fn run(
             &ops,
             interval,
             &mut seq,
+            &mut inval,
         )
         .await;
         if let Err(e) = result {
@@ -143,6 +148,7 @@ async fn session(
     ops: &mpsc::Sender<Op>,
     interval: Duration,
     seq: &mut u64,
+    inval: &mut LinkSide,
 ) -> Result<(), String> {
     let (coordinator, addr) = coordinator_addr(etcd, keys).await?;
     let bind: SocketAddr = if addr.is_ipv6() {
@@ -213,6 +219,16 @@ async fn session(
                     .map_err(|e| format!("sending a heartbeat: {e}"))?;
                 shared.metrics.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
             }
+            Some(batch) = inval.batches.recv() => {
+                let msg = AgentMsg::Changes {
+                    batch_id: batch.batch_id,
+                    tables: batch.tables,
+                    commit_lsn: batch.commit_lsn,
+                };
+                send.write_all(&write(&msg)?)
+                    .await
+                    .map_err(|e| format!("sending changes: {e}"))?;
+            }
             item = bytes_rx.recv() => {
                 let bytes = item.unwrap_or_else(|| Err("reader stopped".into()))?;
                 decoder.feed(&bytes);
@@ -226,7 +242,7 @@ async fn session(
                             continue;
                         }
                     };
-                    if let Some(reply) = dispatch(msg, shared, ops, &ack_tx, &mut inflight, &done) {
+                    if let Some(reply) = dispatch(msg, shared, ops, &ack_tx, &mut inflight, &done, inval) {
                         send.write_all(&write(&reply)?)
                             .await
                             .map_err(|e| format!("sending an ack: {e}"))?;
@@ -262,9 +278,13 @@ fn dispatch(
     ack_tx: &mpsc::Sender<(CommandId, AckResult)>,
     inflight: &mut HashSet<CommandId>,
     done: &HashMap<CommandId, AckResult>,
+    inval: &LinkSide,
 ) -> Option<AgentMsg> {
     let id = match &msg {
-        CoordMsg::Ack { .. } => return None,
+        CoordMsg::Ack { batch_id } => {
+            let _ = inval.acks.try_send(*batch_id);
+            return None;
+        }
         CoordMsg::Promote { id, .. }
         | CoordMsg::Follow { id, .. }
         | CoordMsg::Fence { id, .. }
@@ -297,10 +317,20 @@ fn dispatch(
         msg,
         CoordMsg::Invalidate { .. } | CoordMsg::FlushCache { .. }
     ) {
-        // Issue 4: the regional cache does not exist yet; nothing to do.
-        shared.metrics.command(kind, "ok");
-        let _ = ack_tx.try_send((id, AckResult::Ok));
         inflight.insert(id);
+        let applier = inval.applier.clone();
+        let ack_tx = ack_tx.clone();
+        let shared = shared.clone();
+        tokio::spawn(
+            async move {
+                let result = invalidation::apply(applier.as_deref(), &msg).await;
+                shared
+                    .metrics
+                    .command(kind, crate::controller::result_label(&result));
+                let _ = ack_tx.send((id, result)).await;
+            }
+            .in_current_span(),
+        );
         return None;
     }
     let (reply, result_rx) = oneshot::channel();

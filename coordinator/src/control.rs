@@ -60,6 +60,10 @@ pub struct ClusterStatus {
     pub sync_standbys: Vec<String>,
     pub nodes: Vec<NodeStatus>,
     pub proxies: Vec<ProxyStatus>,
+    /// Regions whose result cache is marked unusable (etcd `cache/<region>`,
+    /// issue 4): they missed invalidations and their proxies do not cache.
+    #[serde(default)]
+    pub cache_unusable: Vec<String>,
 }
 
 /// Something that happened, for `meridianctl events` and the status page.

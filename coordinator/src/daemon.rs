@@ -36,6 +36,7 @@ use tracing::{debug, error, info, warn};
 use crate::commands::{CommandBook, CommandKind, CommandSpec};
 use crate::control::{ClusterEvent, ControlLoopSide, Operation, OperationResult};
 use crate::detector::{Detector, DetectorConfig, Hold, SuspectCause, Verdict};
+use crate::fanout::{self, Agents, Fanout, FanoutConfig, Out as FanoutOut};
 use crate::observe::{self, StatusInput};
 use crate::planner::{
     choose_candidate, reconcile_followers, Action, ChoiceContext, FailoverPlan, NoCandidate,
@@ -395,6 +396,12 @@ struct Active {
     suspect_since: Option<Instant>,
     last_event: BTreeMap<String, Instant>,
     pending_ops: Vec<(Operation, oneshot::Sender<OperationResult>)>,
+    /// Invalidation fan-out (issue 4).
+    fanout: Fanout,
+    /// `cache/<region>` writes to make: (region, usable, reason).
+    cache_writes: Vec<(String, bool, String)>,
+    /// Regions marked unusable in etcd were handed to `fanout` (first read).
+    cache_seeded: bool,
 }
 
 impl Active {
@@ -424,6 +431,10 @@ impl Active {
             suspect_since: None,
             last_event: BTreeMap::new(),
             pending_ops: Vec::new(),
+            // Fan-out command ids live far from the command book's.
+            fanout: Fanout::new(FanoutConfig::default(), first_id.saturating_add(1 << 40)),
+            cache_writes: Vec::new(),
+            cache_seeded: false,
         }
     }
 
@@ -549,12 +560,11 @@ impl Active {
                         self.detector.observe_heartbeat(at, hb);
                     }
                     AgentMsg::Ack { id, result } => self.on_ack(shell, &node, id, result),
-                    AgentMsg::Changes { batch_id, .. } => {
-                        debug!(
-                            node,
-                            batch_id, "invalidation batch ignored (not implemented)"
-                        );
-                    }
+                    AgentMsg::Changes {
+                        batch_id,
+                        tables,
+                        commit_lsn,
+                    } => self.on_changes(shell, &node, batch_id, tables, commit_lsn),
                 }
             }
         }
@@ -563,6 +573,9 @@ impl Active {
     fn on_ack(&mut self, shell: &Shell, node: &str, id: u64, result: AckResult) {
         let now = Instant::now();
         let Some(spec) = self.book.ack(node, id, result.clone(), now) else {
+            let agents = self.agents();
+            let outs = self.fanout.on_ack(node, id, &result, &agents, now);
+            self.apply_fanout(shell, outs);
             return;
         };
         let epoch = spec.epoch();
@@ -625,6 +638,138 @@ impl Active {
 }
 
 impl Active {
+    // ---------- invalidation fan-out (issue 4) ----------
+
+    /// Healthy connected agents per region.
+    fn agents(&self) -> Agents {
+        let fresh = self.snap.config.suspect_after;
+        fanout::agents_view(
+            self.snap
+                .members
+                .iter()
+                .map(|(n, m)| (n.as_str(), m.region.as_str())),
+            self.detector
+                .reports()
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.heartbeat.region.as_str(), r.received_at)),
+            |n| self.sessions.contains_key(n),
+            Instant::now(),
+            fresh,
+        )
+    }
+
+    fn on_changes(
+        &mut self,
+        shell: &Shell,
+        node: &str,
+        batch_id: u64,
+        tables: Vec<String>,
+        commit_lsn: Lsn,
+    ) {
+        let Some(leader) = self.snap.leader.as_ref().map(|l| &l.value) else {
+            return;
+        };
+        if leader.node != node || leader.state != LeaderState::Serving {
+            debug!(
+                node,
+                batch_id, "changes from a node that is not the serving leader; ignored"
+            );
+            return;
+        }
+        let epoch = leader.epoch;
+        let agents = self.agents();
+        let batch = fanout::ChangesBatch {
+            batch_id,
+            tables,
+            lsn: commit_lsn,
+            epoch,
+        };
+        let outs = self.fanout.on_changes(node, batch, &agents, Instant::now());
+        self.apply_fanout(shell, outs);
+    }
+
+    fn apply_fanout(&mut self, shell: &Shell, outs: Vec<FanoutOut>) {
+        let epoch = self.snap.current_epoch();
+        for out in outs {
+            match out {
+                FanoutOut::Send { node, msg } => self.send(&node, msg),
+                FanoutOut::AckPrimary { node, batch_id } => {
+                    self.send(&node, CoordMsg::Ack { batch_id })
+                }
+                FanoutOut::MarkUnusable { region, reason } => {
+                    shell.event(
+                        "cache_unusable",
+                        None,
+                        epoch,
+                        format!("region {region}: cache marked unusable: {reason}"),
+                    );
+                    self.cache_writes.push((region, false, reason));
+                }
+                FanoutOut::MarkUsable { region } => {
+                    shell.event(
+                        "cache_usable",
+                        None,
+                        epoch,
+                        format!("region {region}: cache caught up and usable again"),
+                    );
+                    self.cache_writes.push((region, true, String::new()));
+                }
+            }
+        }
+    }
+
+    async fn fanout_tick(&mut self, shell: &mut Shell) {
+        let now = Instant::now();
+        if !self.cache_seeded {
+            self.cache_seeded = true;
+            for (region, rec) in &self.snap.cache_regions {
+                if !rec.usable {
+                    self.fanout.seed_unusable(region);
+                }
+            }
+        }
+        let agents = self.agents();
+        let mut outs = self.fanout.tick(&agents, now);
+        if let Some(leader) = self.snap.leader.as_ref().map(|l| &l.value) {
+            if leader.state == LeaderState::Serving
+                && self.fanout.flush_epoch().is_none_or(|e| e < leader.epoch)
+            {
+                outs.extend(self.fanout.start_flush(leader.epoch, &agents, now));
+            }
+        }
+        self.apply_fanout(shell, outs);
+        for (region, usable, reason) in std::mem::take(&mut self.cache_writes) {
+            let record = meridian_shared::cache_keys::CacheRegionRecord {
+                usable,
+                since: unix_ms(),
+            };
+            match store::write_cache_region(
+                &mut shell.etcd,
+                &shell.keys,
+                &self.snap,
+                &region,
+                &record,
+            )
+            .await
+            {
+                Ok(true) => {
+                    if !usable {
+                        let outs = self.fanout.unusable_recorded(&region, Instant::now());
+                        self.apply_fanout(shell, outs);
+                    }
+                }
+                Ok(false) => {
+                    self.snap_at = None;
+                    self.cache_writes.push((region, usable, reason));
+                }
+                Err(e) => {
+                    warn!(%region, error = %e, "cannot write the region's cache state");
+                    self.cache_writes.push((region, usable, reason));
+                }
+            }
+        }
+    }
+
     fn event(&self, shell: &Shell, kind: &str, node: Option<&str>, epoch: Epoch, message: String) {
         shell.event(kind, node, epoch, message);
     }
@@ -716,6 +861,7 @@ impl Active {
         for (node, msg) in self.book.due(now) {
             self.send(&node, msg);
         }
+        self.fanout_tick(shell).await;
         for (op, reply) in std::mem::take(&mut self.pending_ops) {
             self.start_operation(shell, op, reply);
         }
@@ -746,6 +892,14 @@ impl Active {
             fenced: &self.fenced,
             now: Instant::now(),
         });
+        let mut status = status;
+        status.cache_unusable = self
+            .snap
+            .cache_regions
+            .iter()
+            .filter(|(_, r)| !r.usable)
+            .map(|(region, _)| region.clone())
+            .collect();
         shell.control.status.send_replace(status);
     }
 

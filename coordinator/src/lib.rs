@@ -2,8 +2,9 @@
 //!
 //! This crate currently holds the pure decision logic, free of I/O and of clocks
 //! (time is passed in): the failure [`detector`], the failover [`planner`]
-//! (candidate choice and the resumable failover state machine) and the
-//! synchronous-replication settings in [`sync`]. The I/O shell (etcd election and
+//! (candidate choice and the resumable failover state machine), the
+//! synchronous-replication settings in [`sync`] and the invalidation
+//! [`fanout`] to every region's cache (issue 4). The I/O shell (etcd election and
 //! records, QUIC sessions with the agents, the admin API) carries out what these
 //! modules decide.
 
@@ -13,6 +14,7 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod detector;
+pub mod fanout;
 pub mod http;
 pub mod observe;
 pub mod planner;

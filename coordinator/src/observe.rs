@@ -285,6 +285,7 @@ pub fn build_status(input: &StatusInput<'_>) -> ClusterStatus {
                 version: p.version.clone(),
             })
             .collect(),
+        cache_unusable: Vec::new(),
     }
 }
 

@@ -63,6 +63,8 @@ pub struct Snapshot {
     pub sync: Option<Versioned<SyncRecord>>,
     pub members: BTreeMap<String, MemberRecord>,
     pub proxies: BTreeMap<String, ProxyRecord>,
+    /// `cache/<region>` records (regions whose cache was marked unusable).
+    pub cache_regions: BTreeMap<String, meridian_shared::cache_keys::CacheRegionRecord>,
     /// The elected coordinator (the election key with the lowest create revision).
     pub coordinator: Option<CoordinatorRecord>,
     /// Values that could not be decoded (reported, otherwise ignored; a bad
@@ -128,6 +130,19 @@ impl Snapshot {
             } else if let Some(id) = keys.proxy_id(key) {
                 if let Ok(p) = records::decode::<ProxyRecord>("proxy", &kv.value) {
                     snap.proxies.insert(id.to_string(), p);
+                }
+            } else if let Some(region) = key
+                .strip_prefix(keys.prefix())
+                .and_then(|k| k.strip_prefix("cache/"))
+            {
+                match records::decode::<meridian_shared::cache_keys::CacheRegionRecord>(
+                    "cache region",
+                    &kv.value,
+                ) {
+                    Ok(r) => {
+                        snap.cache_regions.insert(region.to_string(), r);
+                    }
+                    Err(e) => snap.problems.push(format!("{key}: {e}")),
                 }
             } else if key.starts_with(&election)
                 && elected.is_none_or(|(rev, _)| kv.create_revision < rev)
@@ -235,6 +250,27 @@ pub async fn write_leader(
             unchanged(keys.epoch(), snap.epoch_revision),
         ])
         .and_then(vec![TxnOp::put(keys.leader(), value, None)]);
+    Ok(timed(client.txn(txn)).await?.succeeded())
+}
+
+/// Writes `cache/<region>` (the region's cache usable or not), guarded by the
+/// leader unchanged since `snap` (a deposed coordinator writes nothing).
+pub async fn write_cache_region(
+    client: &mut Client,
+    keys: &Keys,
+    snap: &Snapshot,
+    region: &str,
+    record: &meridian_shared::cache_keys::CacheRegionRecord,
+) -> Result<bool, StoreError> {
+    let key = format!(
+        "{}{}",
+        keys.prefix(),
+        meridian_shared::cache_keys::etcd_region_key(region)
+    );
+    let value = encode("cache region", &key, record)?;
+    let txn = Txn::new()
+        .when(vec![unchanged(keys.leader(), snap.leader_revision())])
+        .and_then(vec![TxnOp::put(key, value, None)]);
     Ok(timed(client.txn(txn)).await?.succeeded())
 }
 

@@ -232,6 +232,7 @@ fn status(coordinator: &str, active: bool) -> ClusterStatus {
             listen_addr: "127.0.0.1:6432".into(),
             version: "0.1.0".into(),
         }],
+        cache_unusable: Vec::new(),
     }
 }
 

@@ -326,8 +326,9 @@ impl FakeAgent {
             .unwrap();
     }
 
-    /// Waits for a command matching `pred`, acking (`Ok`) the `Follow`s and
-    /// `SetSyncStandbys` that come before it; any other command fails the test.
+    /// Waits for a command matching `pred`, acking (`Ok`) the `Follow`s,
+    /// `SetSyncStandbys`, `FlushCache`s and `Invalidate`s that come before it;
+    /// any other command fails the test.
     async fn expect(
         &mut self,
         what: &str,
@@ -344,7 +345,10 @@ impl FakeAgent {
                 return msg;
             }
             match msg {
-                CoordMsg::Follow { id, .. } | CoordMsg::SetSyncStandbys { id, .. } => self.ack(id),
+                CoordMsg::Follow { id, .. }
+                | CoordMsg::SetSyncStandbys { id, .. }
+                | CoordMsg::FlushCache { id, .. }
+                | CoordMsg::Invalidate { id, .. } => self.ack(id),
                 other => panic!("while waiting for {what}: unexpected {other:?}"),
             }
         }
@@ -1151,4 +1155,111 @@ async fn operator_failover_refuses_unknown_targets_and_promotes_a_named_replica(
     assert!(answer.is_ok(), "{answer:?}");
     let leader = env.leader().await.unwrap().unwrap();
     assert_eq!((leader.node.as_str(), leader.epoch), ("node-b", Epoch(2)));
+}
+
+// ---------- invalidation fan-out (issue 4) ----------
+
+/// Receives until `pred` matches, acking `FlushCache`/`Invalidate` (and the other
+/// routine commands) that come before it.
+async fn expect_invalidate(agent: &mut FakeAgent, what: &str) -> (u64, Vec<String>, Lsn, Epoch) {
+    let msg = agent
+        .expect(what, Duration::from_secs(10), |m| {
+            matches!(m, CoordMsg::Invalidate { .. })
+        })
+        .await;
+    let CoordMsg::Invalidate {
+        id,
+        tables,
+        lsn,
+        epoch,
+    } = msg
+    else {
+        unreachable!()
+    };
+    (id, tables, lsn, epoch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_fan_out_to_every_region_and_an_empty_region_is_marked_unusable() {
+    let env = Env::start().await;
+    let _c1 = env.coordinator("coord-1");
+    let pg = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pg_a = pg.local_addr().unwrap().to_string();
+    let accept = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = pg.accept().await {
+            held.push(sock);
+        }
+    });
+    let mut a = bootstrap(&env, &pg_a).await;
+    env.register(
+        "node-b",
+        &format!("127.0.0.1:{}", free_tcp_port()),
+        Role::Replica,
+    )
+    .await;
+    let mut replica = heartbeat("node-b", Role::Replica);
+    replica.receiver_streaming = true;
+    replica.upstream = Some("node-a".into());
+    replica.epoch_seen = Epoch(1);
+    let mut b = FakeAgent::start(&env, "node-b", replica);
+    b.wait_connected().await;
+
+    // Both regions get the flush of epoch 1 first (acked inside `expect`), then the batch.
+    let lsn = Lsn(0x300_0100);
+    a.out
+        .send(AgentMsg::Changes {
+            batch_id: 42,
+            tables: vec!["public.t".into()],
+            commit_lsn: lsn,
+        })
+        .unwrap();
+    let (id_b, tables, got_lsn, epoch) =
+        expect_invalidate(&mut b, "Invalidate in node-b's region").await;
+    assert_eq!(tables, vec!["public.t".to_owned()]);
+    assert_eq!(got_lsn, lsn);
+    assert_eq!(epoch, Epoch(1));
+    let (id_a, ..) = expect_invalidate(&mut a, "Invalidate in node-a's region").await;
+    a.ack(id_a);
+    // The primary is not acked before every region acked.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while let Ok(msg) = a.cmds.try_recv() {
+        assert!(
+            !matches!(msg, CoordMsg::Ack { .. }),
+            "batch acked before node-b's region: {msg:?}"
+        );
+    }
+    b.ack(id_b);
+    a.expect("Ack{42}", Duration::from_secs(5), |m| {
+        matches!(m, CoordMsg::Ack { batch_id: 42 })
+    })
+    .await;
+
+    // node-b's agent goes silent: its region has no agent, is marked unusable
+    // in etcd, and the primary's batch is acked anyway.
+    b.beating.store(false, Ordering::SeqCst);
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(800)).await; // > suspect_after (500 ms)
+    a.out
+        .send(AgentMsg::Changes {
+            batch_id: 43,
+            tables: vec!["app.o".into()],
+            commit_lsn: Lsn(0x300_0200),
+        })
+        .unwrap();
+    a.expect("Ack{43}", Duration::from_secs(10), |m| {
+        matches!(m, CoordMsg::Ack { batch_id: 43 })
+    })
+    .await;
+    let mut etcd = env.etcd().await.unwrap();
+    let resp = etcd
+        .get(format!("/meridian/{CLUSTER}/cache/node-b-region"), None)
+        .await
+        .unwrap();
+    let kv = resp.kvs().first().expect("cache/node-b-region written");
+    let rec: meridian_shared::cache_keys::CacheRegionRecord =
+        serde_json::from_slice(kv.value()).unwrap();
+    assert!(!rec.usable);
+    assert!(rec.since > 0);
+    accept.abort();
 }

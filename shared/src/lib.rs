@@ -2,6 +2,7 @@
 //! topology and leader records, LSNs and epochs, the etcd key layout, the QUIC
 //! message envelope, and the telemetry setup. Nothing in this crate opens a socket.
 
+pub mod cache_keys;
 pub mod config;
 pub mod envelope;
 pub mod epoch;

@@ -76,9 +76,16 @@ pub struct Batcher {
 impl Batcher {
     /// A batcher whose slot is confirmed up to `start` (its `confirmed_flush_lsn`).
     pub fn new(cfg: BatcherConfig, start: Lsn) -> Self {
+        Batcher::with_first_id(cfg, start, 1)
+    }
+
+    /// Like [`Batcher::new`], numbering batches from `first_id`: a new
+    /// replication session picks a fresh range (e.g. from the clock) so a late
+    /// ack for an earlier session's batch cannot confirm one of this session.
+    pub fn with_first_id(cfg: BatcherConfig, start: Lsn, first_id: u64) -> Self {
         Batcher {
             cfg,
-            next_id: 1,
+            next_id: first_id,
             pending: None,
             in_flight: VecDeque::new(),
             idle_lsn: start,
@@ -212,10 +219,7 @@ impl Batcher {
 
     /// Batches sent and not acked yet, oldest first (re-send after a reconnect).
     pub fn in_flight(&self) -> impl Iterator<Item = &Batch> {
-        self.in_flight
-            .iter()
-            .filter(|f| !f.acked)
-            .map(|f| &f.batch)
+        self.in_flight.iter().filter(|f| !f.acked).map(|f| &f.batch)
     }
 
     /// Whether a transaction waits in the pending batch.

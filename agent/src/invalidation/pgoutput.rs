@@ -44,7 +44,11 @@ pub enum Message {
     /// `O`: the transaction came from replication origin `name`.
     Origin { commit_lsn: Lsn, name: String },
     /// `R`: relation `oid` is `schema.table`.
-    Relation { oid: u32, schema: String, table: String },
+    Relation {
+        oid: u32,
+        schema: String,
+        table: String,
+    },
     /// `Y`: a data type description (no effect on invalidation).
     Type { oid: u32 },
     /// `I`: a row inserted into relation `oid`.
@@ -106,10 +110,10 @@ impl<'a> Reader<'a> {
     fn cstr(&mut self) -> Result<String, DecodeError> {
         let at = self.pos;
         let rest = &self.buf[self.pos..];
-        let nul = rest.iter().position(|b| *b == 0).ok_or(DecodeError::BadString {
-            tag: self.tag,
-            at,
-        })?;
+        let nul = rest
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or(DecodeError::BadString { tag: self.tag, at })?;
         let s = std::str::from_utf8(&rest[..nul])
             .map_err(|_| DecodeError::BadString { tag: self.tag, at })?
             .to_owned();
@@ -122,7 +126,11 @@ impl<'a> Reader<'a> {
 pub fn parse(msg: &[u8]) -> Result<Message, DecodeError> {
     let (&tag_byte, _) = msg.split_first().ok_or(DecodeError::Empty)?;
     let tag = char::from(tag_byte);
-    let mut r = Reader { buf: msg, pos: 1, tag };
+    let mut r = Reader {
+        buf: msg,
+        pos: 1,
+        tag,
+    };
     Ok(match tag_byte {
         b'B' => {
             let final_lsn = Lsn(r.u64()?);
@@ -224,6 +232,11 @@ impl Decoder {
     /// The `schema.table` cached for `oid`.
     pub fn relation(&self, oid: u32) -> Option<&str> {
         self.relations.get(&oid).map(String::as_str)
+    }
+
+    /// Whether a transaction is open (a `Begin` without its `Commit` yet).
+    pub fn in_transaction(&self) -> bool {
+        self.current.is_some()
     }
 
     /// Feeds one message; returns the transaction it committed, if it was a `Commit`.

@@ -466,6 +466,8 @@ pub fn status_from_proto(s: proto::ClusterStatus) -> ClusterStatus {
                 version: p.version,
             })
             .collect(),
+        // Not carried by the gRPC form yet.
+        cache_unusable: Vec::new(),
     }
 }
 
@@ -518,6 +520,7 @@ mod tests {
                 id: "p".into(),
                 ..ProxyStatus::default()
             }],
+            cache_unusable: Vec::new(),
         };
         assert_eq!(status_from_proto(status_to_proto(&status)), status);
         let event = ClusterEvent {

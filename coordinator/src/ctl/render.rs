@@ -260,6 +260,7 @@ mod tests {
                 listen_addr: "127.0.0.1:6432".into(),
                 version: "0.1.0".into(),
             }],
+            cache_unusable: Vec::new(),
         }
     }
 
