@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README test command: installs what the tests need from Debian packages
 # (only what is missing), makes sure the `postgres` OS user exists, then runs
-# the formatting check, clippy and every test of the workspace.
+# the formatting check, clippy and every test of the workspace; with a Docker
+# engine also the container images (deploy/build-images.sh --profile debug),
+# the testcontainers tests (part of the test run) and the compose smoke test.
 #
 #   integration/run-tests.sh [extra args for cargo nextest run]
 #   e.g. integration/run-tests.sh -E 'package(meridian-integration)'
@@ -30,11 +32,52 @@ cargo clippy --workspace --all-targets -- -D warnings
 say "cargo build --workspace --bins"
 cargo build --workspace --bins
 
+# Container images, then the tests (the testcontainers tests in
+# integration/tests/containers.rs run inside the normal test run and need the
+# images), then the compose smoke test. Every step runs; the script's status is
+# non-zero if any failed.
+FAILED=()
+step() { # name, command...
+    local name="$1"; shift
+    say "$name"
+    local start=$SECONDS
+    if "$@"; then
+        printf '==> %s: ok (%d s)\n' "$name" $((SECONDS - start))
+    else
+        printf '==> %s: FAILED (status %d, %d s)\n' "$name" "$?" $((SECONDS - start)) >&2
+        FAILED+=("$name")
+    fi
+}
+
+DOCKER=0
+if command -v docker >/dev/null 2>&1 && timeout 30 docker info >/dev/null 2>&1; then
+    DOCKER=1
+else
+    say "Docker not reachable: skipping image build, container tests and compose smoke test"
+fi
+
+if [ "$DOCKER" = 1 ]; then
+    # The images pack the debug binaries just built (cargo has nothing to redo).
+    step "base image (deploy/bootstrap-base-image.sh)" bash deploy/bootstrap-base-image.sh
+    step "container images (deploy/build-images.sh --profile debug)" \
+        bash deploy/build-images.sh --profile debug
+fi
+
+# Without Docker, tests/containers.rs prints a SKIPPED line per test and passes.
 if cargo nextest --version >/dev/null 2>&1; then
-    say "cargo nextest run"
-    exec cargo nextest run --workspace --no-fail-fast \
+    step "cargo nextest run" cargo nextest run --workspace --no-fail-fast \
         --config-file integration/nextest.toml "$@"
 else
-    say "cargo-nextest not found; cargo test"
-    exec cargo test --workspace --no-fail-fast "$@"
+    step "cargo test (cargo-nextest not found)" cargo test --workspace --no-fail-fast "$@"
 fi
+
+if [ "$DOCKER" = 1 ]; then
+    step "compose smoke test (deploy/smoke-test.sh --skip-build)" \
+        bash deploy/smoke-test.sh --profile debug --skip-build
+fi
+
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    say "FAILED: ${FAILED[*]}"
+    exit 1
+fi
+say "all steps passed"

@@ -47,7 +47,10 @@ async fn local_up_serves_every_region_and_stops_everything_on_sigterm() {
     assert_eq!(file.nodes.len(), 3);
     assert_eq!(file.coordinators.len(), 2);
     assert_eq!(
-        file.nodes.iter().filter(|n| n.initial_role == "primary").count(),
+        file.nodes
+            .iter()
+            .filter(|n| n.initial_role == "primary")
+            .count(),
         1
     );
     let text = std::fs::read_to_string(cluster_dir.join("cluster.json")).unwrap();
@@ -73,14 +76,18 @@ async fn local_up_serves_every_region_and_stops_everything_on_sigterm() {
             .await
             .unwrap();
         // Read-your-writes is a later issue: wait for the local replica.
-        eventually(Duration::from_secs(10), "the row through the proxy", || async {
-            let n: i64 = c
-                .query_one("SELECT count(*) FROM up_check", &[])
-                .await?
-                .get(0);
-            anyhow::ensure!(n as usize == i + 1, "{n} rows");
-            Ok(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the row through the proxy",
+            || async {
+                let n: i64 = c
+                    .query_one("SELECT count(*) FROM up_check", &[])
+                    .await?
+                    .get(0);
+                anyhow::ensure!(n as usize == i + 1, "{n} rows");
+                Ok(())
+            },
+        )
         .await
         .unwrap();
     }
@@ -92,7 +99,11 @@ async fn local_up_serves_every_region_and_stops_everything_on_sigterm() {
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["leader"], "us-east-1", "{status}");
     assert_eq!(status["state"], "serving", "{status}");
@@ -100,7 +111,11 @@ async fn local_up_serves_every_region_and_stops_everything_on_sigterm() {
 
     let mut pids: Vec<u32> = file.coordinators.iter().map(|c| c.pid).collect();
     pids.extend(file.regions.iter().map(|r| r.proxy_pid));
-    pids.extend(file.nodes.iter().flat_map(|n| [n.agent_pid, n.postmaster_pid]));
+    pids.extend(
+        file.nodes
+            .iter()
+            .flat_map(|n| [n.agent_pid, n.postmaster_pid]),
+    );
     assert!(pids.iter().all(|p| *p > 0 && alive(*p)), "{pids:?}");
 
     signal(up.id().unwrap(), Signal::SIGTERM);

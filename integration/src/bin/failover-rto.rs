@@ -52,7 +52,8 @@ async fn one_run(cluster: &LocalCluster, table: &str, run: usize) -> anyhow::Res
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let base = (run as i64 + 1) * 10_000_000;
     let writer = {
-        let (acked, stop, dsn, table) = (acked.clone(), stop.clone(), dsn.clone(), table.to_owned());
+        let (acked, stop, dsn, table) =
+            (acked.clone(), stop.clone(), dsn.clone(), table.to_owned());
         tokio::spawn(async move {
             let mut id = base;
             let mut client = None;
@@ -66,10 +67,11 @@ async fn one_run(cluster: &LocalCluster, table: &str, run: usize) -> anyhow::Res
                 id += 1;
                 let sql = format!("INSERT INTO {table} VALUES ({id}) RETURNING inet_server_port()");
                 match c.query_one(sql.as_str(), &[]).await {
-                    Ok(row) => acked
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((id, Instant::now(), row.get(0))),
+                    Ok(row) => acked.lock().unwrap_or_else(|e| e.into_inner()).push((
+                        id,
+                        Instant::now(),
+                        row.get(0),
+                    )),
                     Err(_) => client = None,
                 }
             }
@@ -88,11 +90,17 @@ async fn one_run(cluster: &LocalCluster, table: &str, run: usize) -> anyhow::Res
         })
         .await?;
     let new_port = i32::from(cluster.node(&after.node)?.pg_port);
-    meridian_launcher::wait::eventually(Duration::from_secs(60), "a commit on the new primary", || async {
-        let a = acked.lock().unwrap_or_else(|e| e.into_inner());
-        anyhow::ensure!(a.iter().any(|(_, t, port)| *t > killed_at && *port == new_port));
-        Ok(())
-    })
+    meridian_launcher::wait::eventually(
+        Duration::from_secs(60),
+        "a commit on the new primary",
+        || async {
+            let a = acked.lock().unwrap_or_else(|e| e.into_inner());
+            anyhow::ensure!(a
+                .iter()
+                .any(|(_, t, port)| *t > killed_at && *port == new_port));
+            Ok(())
+        },
+    )
     .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -108,9 +116,14 @@ async fn one_run(cluster: &LocalCluster, table: &str, run: usize) -> anyhow::Res
         .query(&format!("SELECT id FROM {table} WHERE id > $1"), &[&base])
         .await?;
     let present: BTreeSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-    let lost = acked.iter().filter(|(id, _, _)| !present.contains(id)).count();
+    let lost = acked
+        .iter()
+        .filter(|(id, _, _)| !present.contains(id))
+        .count();
     // The old primary rejoins before the next run.
-    cluster.wait_streaming(&leader.node, Duration::from_secs(120)).await?;
+    cluster
+        .wait_streaming(&leader.node, Duration::from_secs(120))
+        .await?;
     Ok(Run {
         rto: first_after,
         lost,
@@ -159,7 +172,11 @@ async fn main() -> anyhow::Result<()> {
                     runs.push(r);
                 }
                 Err(e) => {
-                    eprintln!("{mode} run {} failed: {e:#}\n{}", i + 1, cluster.log_tails(30));
+                    eprintln!(
+                        "{mode} run {} failed: {e:#}\n{}",
+                        i + 1,
+                        cluster.log_tails(30)
+                    );
                     break;
                 }
             }
