@@ -4,6 +4,7 @@
 //! Stopping the agent (SIGTERM/SIGINT) stops its PostgreSQL node too: the agent
 //! is the node's supervisor, so a process manager that stops the agent stops the node.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -53,6 +54,18 @@ pub struct Args {
     /// Default: --pg-listen:--pg-port.
     #[arg(long, env = "MERIDIAN_AGENT_ADVERTISE_PG_ADDR")]
     pub advertise_pg_addr: Option<String>,
+    /// host:port at which nodes and proxies of REGION reach this node's PostgreSQL,
+    /// as REGION=HOST:PORT, repeatable (comma-separated in the environment), e.g. a
+    /// per-region WAN link or a per-network address. Written to
+    /// members/<node>.pg_addrs; a region not listed uses --advertise-pg-addr.
+    /// Default: none.
+    #[arg(
+        long,
+        env = "MERIDIAN_AGENT_ADVERTISE_PG_ADDR_FOR",
+        value_delimiter = ',',
+        value_name = "REGION=HOST:PORT"
+    )]
+    pub advertise_pg_addr_for: Vec<String>,
     /// Directory of the PostgreSQL server programs. Default: `pg_config --bindir`,
     /// else /usr/lib/postgresql/15/bin.
     #[arg(long, env = "MERIDIAN_AGENT_PG_BIN_DIR")]
@@ -110,6 +123,15 @@ pub struct Args {
     /// (those commands are acknowledged `Failed: no redis configured`).
     #[arg(long, env = "MERIDIAN_AGENT_REDIS")]
     pub redis: Option<String>,
+    /// The database whose changes invalidate the result cache: while this node is primary its
+    /// agent decodes that database's WAL (one logical slot). Proxies cache reads of this
+    /// database only (their `cache.database`).
+    #[arg(
+        long,
+        env = "MERIDIAN_AGENT_CACHE_DATABASE",
+        default_value = "postgres"
+    )]
+    pub cache_database: String,
 }
 
 /// A flag has an unusable value.
@@ -138,6 +160,8 @@ pub struct AgentConfig {
     pub pg_port: u16,
     pub pg_listen: String,
     pub pg_addr: String,
+    /// `--advertise-pg-addr-for`: region -> `host:port` (members/<node>.pg_addrs).
+    pub pg_addrs: BTreeMap<String, String>,
     pub pg_bin_dir: Option<PathBuf>,
     pub os_user: String,
     pub pki: PkiPaths,
@@ -151,6 +175,8 @@ pub struct AgentConfig {
     pub pg_hba: Vec<String>,
     /// `--redis`: the region's Redis URL.
     pub redis: Option<String>,
+    /// `--cache-database`.
+    pub cache_database: String,
 }
 
 impl AgentConfig {
@@ -185,12 +211,11 @@ impl AgentConfig {
                 format!("{heartbeat_interval:?}: must be between 10ms and --lease-ttl"),
             ));
         }
+        let pg_addrs = parse_pg_addrs_for(&args.advertise_pg_addr_for)
+            .map_err(|m| invalid("advertise-pg-addr-for", m))?;
         let pg_addr = match args.advertise_pg_addr {
             Some(addr) => {
-                let ok = addr
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-                if !ok {
+                if !is_host_port(&addr) {
                     return Err(invalid(
                         "advertise-pg-addr",
                         format!("{addr:?} is not host:port"),
@@ -234,6 +259,7 @@ impl AgentConfig {
             pg_port: args.pg_port,
             pg_listen: args.pg_listen,
             pg_addr,
+            pg_addrs,
             pg_bin_dir: args.pg_bin_dir,
             os_user: args.os_user,
             pki: PkiPaths {
@@ -262,8 +288,43 @@ impl AgentConfig {
                 .redis
                 .map(|r| r.trim().to_owned())
                 .filter(|r| !r.is_empty()),
+            cache_database: {
+                let db = args.cache_database.trim().to_owned();
+                if db.is_empty() {
+                    return Err(invalid("cache-database", "must not be empty"));
+                }
+                db
+            },
         })
     }
+}
+
+/// Whether `addr` looks like `host:port`.
+fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+}
+
+/// Parses `REGION=HOST:PORT` items (blank items are skipped); a region given
+/// twice, an empty region or an address that is not `host:port` is an error.
+pub fn parse_pg_addrs_for(items: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        let Some((region, addr)) = item.split_once('=') else {
+            return Err(format!("{item:?} is not REGION=HOST:PORT"));
+        };
+        let (region, addr) = (region.trim(), addr.trim());
+        if region.is_empty() {
+            return Err(format!("{item:?} has no region"));
+        }
+        if !is_host_port(addr) {
+            return Err(format!("{item:?}: {addr:?} is not host:port"));
+        }
+        if out.insert(region.to_owned(), addr.to_owned()).is_some() {
+            return Err(format!("region {region:?} given twice"));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -340,5 +401,38 @@ mod tests {
         assert!(err.contains("--advertise-pg-addr"), "{err}");
         let err = parse(&["--pg-setting", "novalue"]).unwrap_err();
         assert!(err.contains("--pg-setting"), "{err}");
+    }
+
+    #[test]
+    fn advertise_pg_addr_for_regions() {
+        assert!(parse(&[]).unwrap().pg_addrs.is_empty());
+        let c = parse(&[
+            "--advertise-pg-addr",
+            "127.0.0.1:7000",
+            "--advertise-pg-addr-for",
+            "us-east=127.0.0.1:7000",
+            "--advertise-pg-addr-for",
+            "eu-west=127.0.0.1:7001,us-west=[::1]:7002",
+        ])
+        .unwrap();
+        assert_eq!(c.pg_addr, "127.0.0.1:7000");
+        assert_eq!(
+            c.pg_addrs,
+            BTreeMap::from([
+                ("eu-west".to_owned(), "127.0.0.1:7001".to_owned()),
+                ("us-east".to_owned(), "127.0.0.1:7000".to_owned()),
+                ("us-west".to_owned(), "[::1]:7002".to_owned()),
+            ])
+        );
+        for bad in [
+            "eu-west",
+            "=127.0.0.1:1",
+            "eu-west=127.0.0.1",
+            "eu-west=h:notaport",
+            "eu=h:1,eu=h:2",
+        ] {
+            let err = parse(&["--advertise-pg-addr-for", bad]).unwrap_err();
+            assert!(err.contains("--advertise-pg-addr-for"), "{bad}: {err}");
+        }
     }
 }

@@ -14,6 +14,12 @@
 //! is stopped, crash-recovered (`postgres --single`) when it did not shut down
 //! cleanly, `pg_rewind`-ed from the leader and started as a standby; if rewind
 //! fails the data directory is wiped and cloned with `pg_basebackup`.
+//!
+//! Whatever names the leader's address (a `Follow` command, the `leader` record
+//! at start-up or rejoin), the node dials the leader's address for its own
+//! region: the leader's `members/<leader>` record is read and
+//! [`decide::follow_addr`] picks its `pg_addrs` entry, falling back to the
+//! advertised `pg_addr` (no record, etcd unreachable, another address).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,6 +27,7 @@ use std::time::Duration;
 
 use meridian_shared::envelope::{AckResult, CoordMsg};
 use meridian_shared::epoch::Epoch;
+use meridian_shared::keys::Keys;
 use meridian_shared::records::{LeaderRecord, Role};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -137,6 +144,8 @@ pub struct Controller {
     pub node: Arc<PgNode>,
     pub shared: Arc<Shared>,
     pub cfg: Arc<AgentConfig>,
+    /// For reading the leader's member record (its regional address).
+    etcd: Option<(etcd_client::Client, Keys)>,
     last_restart: Option<Instant>,
     /// When a start-up action or a rejoin last failed.
     last_failure: Option<Instant>,
@@ -148,9 +157,37 @@ impl Controller {
             node,
             shared,
             cfg,
+            etcd: None,
             last_restart: None,
             last_failure: None,
         }
+    }
+
+    /// Lets the controller read `members/<leader>` to dial the leader's address
+    /// for this node's region (without it, the advertised `pg_addr` is used).
+    pub fn with_etcd(mut self, client: etcd_client::Client, keys: Keys) -> Controller {
+        self.etcd = Some((client, keys));
+        self
+    }
+
+    /// The address of `leader` (advertised as `advertised`) as reached from this
+    /// node's region; `advertised` when its member record cannot be read.
+    async fn leader_addr_for_me(&self, leader: &str, advertised: &str) -> String {
+        let member = match &self.etcd {
+            None => None,
+            Some((client, keys)) => {
+                let mut client = client.clone();
+                match crate::member::read_member(&mut client, keys, leader).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(%leader, error = %e,
+                            "cannot read the leader's member record; dialing its pg_addr");
+                        None
+                    }
+                }
+            }
+        };
+        decide::follow_addr(advertised, member.as_ref(), &self.cfg.region)
     }
 
     /// What is on disk and running now.
@@ -235,8 +272,9 @@ impl Controller {
                 });
                 if standby {
                     if let Some(l) = &leader {
+                        let addr = self.leader_addr_for_me(&l.node, &l.pg_addr).await;
                         self.shared
-                            .update(|s| s.following = Some((l.node.clone(), l.pg_addr.clone())));
+                            .update(|s| s.following = Some((l.node.clone(), addr)));
                     }
                 }
                 Ok(())
@@ -519,6 +557,12 @@ impl Controller {
         if leader == self.cfg.name {
             return Err(other("told to follow itself"));
         }
+        let regional = self.leader_addr_for_me(leader, pg_addr).await;
+        if regional != pg_addr {
+            tracing::info!(%leader, advertised = %pg_addr, dialing = %regional,
+                "following the leader at its address for this region");
+        }
+        let pg_addr = regional.as_str();
         let (host, port) = split_addr(pg_addr)
             .ok_or_else(|| other(format!("leader pg_addr {pg_addr:?} is not host:port")))?;
         let _busy = Busy::new(&self.shared);

@@ -1,7 +1,8 @@
 //! The agent's decisions, as pure functions of what it observed (time passed in):
 //! what to do with the node at start-up, when to fence itself for lack of a
 //! lease, whether a command's epoch is stale, whether to rejoin a newer leader
-//! on its own, and whether a dead postmaster may be restarted.
+//! on its own, whether a dead postmaster may be restarted, and which address of
+//! the leader a standby dials from its region.
 //!
 //! The I/O shell ([`crate::controller`], [`crate::member`], [`crate::probe`])
 //! gathers the inputs and carries out the result; nothing here touches a
@@ -10,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use meridian_shared::epoch::Epoch;
-use meridian_shared::records::{LeaderRecord, LeaderState, NodeRef, Role};
+use meridian_shared::records::{LeaderRecord, LeaderState, MemberRecord, NodeRef, Role};
 
 /// What the agent found on its machine at start-up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -213,6 +214,19 @@ pub fn upstream_name(sender: Option<&str>, known: &[(&str, &str)]) -> Option<Str
             .map(|(name, _)| (*name).to_owned())
             .unwrap_or_else(|| sender.to_owned()),
     )
+}
+
+/// The address a standby in `region` dials to follow a leader advertised as
+/// `advertised` (the `pg_addr` of a `Follow` command or of the `leader` record):
+/// the leader's `pg_addrs` entry for `region` (its `members/<leader>` record),
+/// when that record describes the same node address; otherwise `advertised`.
+/// A record with another `pg_addr` (stale, or a node restarted elsewhere) is not
+/// trusted for the regional address.
+pub fn follow_addr(advertised: &str, leader_member: Option<&MemberRecord>, region: &str) -> String {
+    match leader_member {
+        Some(m) if m.pg_addr == advertised => m.pg_addr_for(region).to_owned(),
+        _ => advertised.to_owned(),
+    }
 }
 
 /// Whether a WAL receiver (`pg_stat_wal_receiver`: status, sender host and port,
@@ -500,5 +514,51 @@ mod tests {
             Some("127.0.0.1:9")
         );
         assert_eq!(upstream_name(None, &known), None);
+    }
+
+    #[test]
+    fn a_standby_dials_the_leaders_address_for_its_own_region() {
+        let mut m = MemberRecord {
+            region: "us-east".into(),
+            pg_addr: "127.0.0.1:7000".into(),
+            agent_addr: String::new(),
+            role: Role::Primary,
+            tags: Default::default(),
+            version: None,
+            pg_addrs: [
+                ("us-east".to_owned(), "127.0.0.1:7000".to_owned()),
+                ("eu-west".to_owned(), "127.0.0.1:7001".to_owned()),
+            ]
+            .into(),
+        };
+        assert_eq!(
+            follow_addr("127.0.0.1:7000", Some(&m), "eu-west"),
+            "127.0.0.1:7001"
+        );
+        assert_eq!(
+            follow_addr("127.0.0.1:7000", Some(&m), "us-east"),
+            "127.0.0.1:7000"
+        );
+        // A region the leader does not list, no record, or a record naming
+        // another address: the advertised address.
+        assert_eq!(
+            follow_addr("127.0.0.1:7000", Some(&m), "ap-south"),
+            "127.0.0.1:7000"
+        );
+        assert_eq!(
+            follow_addr("127.0.0.1:7000", None, "eu-west"),
+            "127.0.0.1:7000"
+        );
+        m.pg_addr = "10.0.0.9:5432".into();
+        assert_eq!(
+            follow_addr("127.0.0.1:7000", Some(&m), "eu-west"),
+            "127.0.0.1:7000"
+        );
+        m.pg_addr = "127.0.0.1:7000".into();
+        m.pg_addrs.clear();
+        assert_eq!(
+            follow_addr("127.0.0.1:7000", Some(&m), "eu-west"),
+            "127.0.0.1:7000"
+        );
     }
 }

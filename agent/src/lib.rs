@@ -155,6 +155,7 @@ pub async fn run(
     let info = MemberInfo {
         region: cfg.region.clone(),
         pg_addr: cfg.pg_addr.clone(),
+        pg_addrs: cfg.pg_addrs.clone(),
         agent_addr: http
             .as_ref()
             .and_then(|l| l.local_addr().ok())
@@ -206,7 +207,10 @@ pub async fn run(
     tasks.push(tokio::spawn(
         invalidation::run_primary(
             shared.clone(),
-            invalidation::stream::StreamConfig::new(&node.host(), node.port()),
+            invalidation::stream::StreamConfig {
+                database: cfg.cache_database.clone(),
+                ..invalidation::stream::StreamConfig::new(&node.host(), node.port())
+            },
             batch_tx,
             ack_rx,
         )
@@ -226,6 +230,7 @@ pub async fn run(
     );
     tasks.push(tokio::spawn(
         Controller::new(node.clone(), shared.clone(), cfg.clone())
+            .with_etcd(etcd.clone(), keys.clone())
             .run(ops_rx)
             .instrument(span.clone()),
     ));

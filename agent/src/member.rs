@@ -7,8 +7,10 @@
 //! expired lease is answered with a new lease and the record is put again. The
 //! record is rewritten whenever the role changes. The watch keeps
 //! [`Shared::leader`] current and raises the highest epoch seen; on any error it
-//! re-reads both keys and watches again.
+//! re-reads both keys and watches again. [`read_member`] reads another node's
+//! record (the leader's regional address, before following it).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +37,8 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error>
 pub struct MemberInfo {
     pub region: String,
     pub pg_addr: String,
+    /// Per-region addresses (`--advertise-pg-addr-for`).
+    pub pg_addrs: BTreeMap<String, String>,
     pub agent_addr: String,
     pub tags: MemberTags,
 }
@@ -48,6 +52,7 @@ impl MemberInfo {
             role,
             tags: self.tags.clone(),
             version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            pg_addrs: self.pg_addrs.clone(),
         }
     }
 }
@@ -299,4 +304,22 @@ pub async fn read_leader(client: &mut Client, keys: &Keys) -> Result<Option<Lead
         .map_err(|_| "reading the leader key timed out".to_owned())?
         .map_err(|e| e.to_string())?;
     Ok(resp.kvs().first().and_then(|kv| leader_of(kv.value())))
+}
+
+/// The `members/<node>` record of another node, if registered (1 s timeout).
+pub async fn read_member(
+    client: &mut Client,
+    keys: &Keys,
+    node: &str,
+) -> Result<Option<MemberRecord>, String> {
+    let resp = tokio::time::timeout(Duration::from_secs(1), client.get(keys.member(node), None))
+        .await
+        .map_err(|_| format!("reading members/{node} timed out"))?
+        .map_err(|e| e.to_string())?;
+    match resp.kvs().first() {
+        None => Ok(None),
+        Some(kv) => records::decode::<MemberRecord>("member", kv.value())
+            .map(Some)
+            .map_err(|e| e.to_string()),
+    }
 }

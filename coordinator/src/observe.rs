@@ -304,6 +304,7 @@ mod tests {
             role,
             tags: MemberTags::default(),
             version: None,
+            pg_addrs: Default::default(),
         }
     }
 

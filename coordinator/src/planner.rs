@@ -687,6 +687,7 @@ mod tests {
             role: Role::Replica,
             tags: MemberTags::default(),
             version: None,
+            pg_addrs: Default::default(),
         }
     }
 

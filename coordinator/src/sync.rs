@@ -289,6 +289,7 @@ mod tests {
                 ..MemberTags::default()
             },
             version: None,
+            pg_addrs: Default::default(),
         };
         let mut members = BTreeMap::new();
         let mut reports = BTreeMap::new();

@@ -218,6 +218,7 @@ impl Env {
             role,
             tags: MemberTags::default(),
             version: None,
+            pg_addrs: Default::default(),
         };
         let mut c = self.etcd().await.unwrap();
         c.put(

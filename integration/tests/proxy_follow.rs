@@ -161,6 +161,7 @@ async fn put_member(etcd: &mut EtcdClient, keys: &Keys, name: &str, n: &PgNode, 
         role,
         tags: MemberTags::default(),
         version: None,
+        pg_addrs: Default::default(),
     };
     etcd.put(
         keys.member(name),

@@ -19,6 +19,12 @@
 //! treated as unknown ([`etcd_lost`]): writes are held and then refused, reads
 //! continue on the replicas last known.
 //!
+//! Addresses are per locality: a member may advertise `pg_addrs` (region ->
+//! `host:port` as reached from that region); the proxy dials, and polls, every
+//! node at its address for the proxy's own region
+//! ([`MemberRecord::pg_addr_for`]). The view also keeps etcd `cache/<region>`
+//! records, which give [`Topology::cache_usable`] for the proxy's region.
+//!
 //! Limits: replica choice knows regions but no distances (any other region is
 //! "nearest"); the `proxies/<id>` key goes away at once only through
 //! [`Follower::stop`] (a graceful shutdown revokes the lease), otherwise when
@@ -31,6 +37,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{
     Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions,
 };
+use meridian_shared::cache_keys::CacheRegionRecord;
 use meridian_shared::config::ProxyConfig;
 use meridian_shared::keys::Keys;
 use meridian_shared::records::{
@@ -153,6 +160,9 @@ pub struct EtcdView {
     pub members: BTreeMap<String, MemberRecord>,
     /// `config.failover_hold`, when the `config` key exists and sets it.
     pub config_hold: Option<Duration>,
+    /// region -> `usable` of its `cache/<region>` record (an undecodable
+    /// record counts as unusable); a region without a record is absent.
+    pub cache_regions: BTreeMap<String, bool>,
     /// The last time etcd answered (`None`: never).
     pub last_contact: Option<Instant>,
 }
@@ -163,6 +173,7 @@ impl EtcdView {
         self.leader = None;
         self.members.clear();
         self.config_hold = None;
+        self.cache_regions.clear();
         for kv in kvs {
             if let Ok(key) = kv.key_str() {
                 self.put(keys, key, kv.value());
@@ -188,6 +199,15 @@ impl EtcdView {
                     self.members.remove(node);
                 }
             }
+        } else if let Some(region) = cache_region(keys, key) {
+            let usable = match records::decode::<CacheRegionRecord>("cache region", value) {
+                Ok(r) => r.usable,
+                Err(e) => {
+                    warn!(region, error = %e, "undecodable cache region record: cache unusable");
+                    false
+                }
+            };
+            self.cache_regions.insert(region.to_string(), usable);
         }
     }
 
@@ -199,17 +219,17 @@ impl EtcdView {
             self.config_hold = None;
         } else if let Some(node) = keys.member_name(key) {
             self.members.remove(node);
+        } else if let Some(region) = cache_region(keys, key) {
+            self.cache_regions.remove(region);
         }
     }
 
     /// The topology this view gives at `now`.
     pub fn topology(&self, health: &ReplicaHealth, now: Instant, p: &TopologyParams) -> Topology {
-        let leader = if etcd_lost(self.last_contact, now, p.lease_ttl) {
-            None
-        } else {
-            self.leader.as_ref()
-        };
-        let mut t = topology_from(leader, &self.members, health, now, p);
+        let lost = etcd_lost(self.last_contact, now, p.lease_ttl);
+        let leader = if lost { None } else { self.leader.as_ref() };
+        let cache = !lost && cache_usable(self.cache_regions.get(&p.region).copied());
+        let mut t = topology_from(leader, &self.members, health, now, p, cache);
         if let Some(hold) = self.config_hold {
             t.failover_hold = hold;
         }
@@ -230,6 +250,20 @@ fn config_hold(value: &[u8]) -> Option<Duration> {
     }
 }
 
+/// The region of a `cache/<region>` key (`shared::cache_keys::etcd_region_key`
+/// under the cluster prefix), or `None` for any other key.
+pub fn cache_region<'k>(keys: &Keys, key: &'k str) -> Option<&'k str> {
+    let rest = key.strip_prefix(keys.prefix())?;
+    let region = rest.strip_prefix(meridian_shared::cache_keys::etcd_region_key("").as_str())?;
+    (!region.is_empty() && !region.contains('/')).then_some(region)
+}
+
+/// Whether a region's cache is usable given its `cache/<region>` record's
+/// `usable` (`None`: no record, which means usable).
+pub fn cache_usable(record: Option<bool>) -> bool {
+    record.unwrap_or(true)
+}
+
 /// Whether etcd has been out of reach for longer than the lease TTL.
 pub fn etcd_lost(last_contact: Option<Instant>, now: Instant, lease_ttl: Duration) -> bool {
     last_contact.is_none_or(|t| now.saturating_duration_since(t) > lease_ttl)
@@ -237,16 +271,23 @@ pub fn etcd_lost(last_contact: Option<Instant>, now: Instant, lease_ttl: Duratio
 
 /// The topology for a leader record, the members and the replicas' health.
 ///
-/// The primary is `leader.pg_addr` only while the leader is serving; the
+/// The primary is the leader's address only while the leader is serving; the
 /// replicas are the members with role `replica` (not the leader's node), each
 /// with a state from its latest poll: `Ok` when it answered, is in recovery
 /// and lags at most `max_replica_lag`.
+///
+/// Every address is the one for the proxy's region (`p.region`): a replica's
+/// [`MemberRecord::pg_addr_for`], and for the primary the leader's member record
+/// likewise when that record carries the leader's `pg_addr` (else the leader
+/// record's `pg_addr`, e.g. while the leader has no member record).
+/// `cache_usable` is passed through to [`Topology::cache_usable`].
 pub fn topology_from(
     leader: Option<&LeaderRecord>,
     members: &BTreeMap<String, MemberRecord>,
     health: &ReplicaHealth,
     now: Instant,
     p: &TopologyParams,
+    cache_usable: bool,
 ) -> Topology {
     let state = match leader {
         None => LeaderView::Unknown,
@@ -259,20 +300,37 @@ pub fn topology_from(
             m.role == Role::Replica
                 && leader.is_none_or(|l| l.node != **node && l.pg_addr != m.pg_addr)
         })
-        .map(|(_, m)| Backend {
-            addr: Arc::from(m.pg_addr.as_str()),
-            region: m.region.clone(),
-            state: replica_state(health.get(m.pg_addr.as_str()), now, p),
+        .map(|(_, m)| {
+            let addr = m.pg_addr_for(&p.region);
+            Backend {
+                addr: Arc::from(addr),
+                region: m.region.clone(),
+                state: replica_state(health.get(addr), now, p),
+            }
         })
         .collect();
     Topology {
         primary: leader
             .filter(|l| l.is_serving())
-            .map(|l| Arc::from(l.pg_addr.as_str())),
+            .map(|l| Arc::from(leader_addr_for(l, members, &p.region))),
         replicas,
         epoch: leader.map_or(0, |l| l.epoch.0),
         state,
         failover_hold: p.failover_hold,
+        cache_usable,
+    }
+}
+
+/// The leader's address as reached from `region`: its member record's entry for
+/// the region when that record names the leader's `pg_addr`, else `pg_addr`.
+pub fn leader_addr_for<'a>(
+    leader: &'a LeaderRecord,
+    members: &'a BTreeMap<String, MemberRecord>,
+    region: &str,
+) -> &'a str {
+    match members.get(&leader.node) {
+        Some(m) if m.pg_addr == leader.pg_addr => m.pg_addr_for(region),
+        _ => &leader.pg_addr,
     }
 }
 
@@ -553,7 +611,7 @@ async fn publish_loop(
             .members
             .values()
             .filter(|m| m.role == Role::Replica)
-            .map(|m| Arc::from(m.pg_addr.as_str()))
+            .map(|m| Arc::from(m.pg_addr_for(&s.params.region)))
             .collect();
         pollers.0.retain(|addr, task| {
             let keep = wanted.contains(addr);
@@ -637,6 +695,7 @@ mod tests {
             role,
             tags: MemberTags::default(),
             version: None,
+            pg_addrs: BTreeMap::new(),
         }
     }
 
@@ -667,7 +726,7 @@ mod tests {
             (Arc::from("r2:1"), ok(6000, now)),
         ]);
         let l = leader("n0", "p:1", 3, LeaderState::Serving);
-        let t = topology_from(Some(&l), &members(), &health, now, &params());
+        let t = topology_from(Some(&l), &members(), &health, now, &params(), true);
         assert_eq!(t.state, LeaderView::Serving);
         assert_eq!(t.primary.as_deref(), Some("p:1"));
         assert_eq!(t.epoch, 3);
@@ -694,14 +753,14 @@ mod tests {
         let now = Instant::now();
         let health = ReplicaHealth::new();
         let l = leader("n0", "p:1", 4, LeaderState::FailingOver);
-        let t = topology_from(Some(&l), &members(), &health, now, &params());
+        let t = topology_from(Some(&l), &members(), &health, now, &params(), true);
         assert_eq!(t.state, LeaderView::FailingOver);
         assert_eq!(t.primary, None);
         assert_eq!(t.epoch, 4);
         assert!(t.checks_epoch());
         // Never polled: known but not usable.
         assert!(t.replicas.iter().all(|r| r.state == ReplicaState::Unknown));
-        let t = topology_from(None, &members(), &health, now, &params());
+        let t = topology_from(None, &members(), &health, now, &params(), true);
         assert_eq!(t.state, LeaderView::Unknown);
         assert_eq!(t.primary, None);
         assert_eq!(t.epoch, 0);
@@ -713,7 +772,7 @@ mod tests {
         let mut m = members();
         m.insert("n1".into(), member("eu", "r1:1", Role::Replica));
         let l = leader("n1", "r1:1", 5, LeaderState::Serving);
-        let t = topology_from(Some(&l), &m, &ReplicaHealth::new(), now, &params());
+        let t = topology_from(Some(&l), &m, &ReplicaHealth::new(), now, &params(), true);
         assert_eq!(t.primary.as_deref(), Some("r1:1"));
         assert!(t.replicas.iter().all(|r| &*r.addr != "r1:1"));
         assert_eq!(t.replicas.len(), 1);
@@ -825,6 +884,143 @@ mod tests {
         assert_eq!(v.leader.as_ref(), Some(&l));
         v.delete(&keys, &keys.leader());
         assert_eq!(v.leader, None);
+    }
+
+    fn with_addrs(mut m: MemberRecord, addrs: &[(&str, &str)]) -> MemberRecord {
+        m.pg_addrs = addrs
+            .iter()
+            .map(|(r, a)| (r.to_string(), a.to_string()))
+            .collect();
+        m
+    }
+
+    #[test]
+    fn addresses_are_the_ones_for_the_proxys_region() {
+        let now = Instant::now();
+        let m = BTreeMap::from([
+            (
+                "n0".to_string(),
+                with_addrs(
+                    member("us", "p:1", Role::Primary),
+                    &[("us", "p:1"), ("eu", "p-eu:1")],
+                ),
+            ),
+            (
+                "n1".to_string(),
+                with_addrs(
+                    member("eu", "r1:1", Role::Replica),
+                    &[("eu", "r1:1"), ("us", "r1-us:1")],
+                ),
+            ),
+            // No per-region addresses: pg_addr from everywhere.
+            ("n2".to_string(), member("ap", "r2:1", Role::Replica)),
+        ]);
+        let l = leader("n0", "p:1", 3, LeaderState::Serving);
+        // Health is keyed by the address actually dialed (the regional one).
+        let health = ReplicaHealth::from([
+            (Arc::from("r1-us:1"), ok(0, now)),
+            (Arc::from("r1:1"), ok(0, now)),
+            (Arc::from("r2:1"), ok(0, now)),
+        ]);
+        let eu = topology_from(Some(&l), &m, &health, now, &params(), true);
+        assert_eq!(eu.primary.as_deref(), Some("p-eu:1"));
+        let addrs: Vec<&str> = eu.replicas.iter().map(|b| &*b.addr).collect();
+        assert_eq!(addrs, vec!["r1:1", "r2:1"]);
+        assert!(eu.replicas.iter().all(|b| b.state == ReplicaState::Ok));
+
+        let us_params = TopologyParams {
+            region: "us".into(),
+            ..params()
+        };
+        let us = topology_from(Some(&l), &m, &health, now, &us_params, true);
+        assert_eq!(us.primary.as_deref(), Some("p:1"));
+        let addrs: Vec<&str> = us.replicas.iter().map(|b| &*b.addr).collect();
+        assert_eq!(addrs, vec!["r1-us:1", "r2:1"]);
+        assert_eq!(us.replicas[0].region, "eu");
+
+        // A region nobody lists: every advertised pg_addr.
+        let ap_params = TopologyParams {
+            region: "ap".into(),
+            ..params()
+        };
+        let ap = topology_from(Some(&l), &m, &health, now, &ap_params, true);
+        assert_eq!(ap.primary.as_deref(), Some("p:1"));
+
+        // The leader without a member record, or with a record naming another
+        // address: the leader record's pg_addr.
+        let mut no_rec = m.clone();
+        no_rec.remove("n0");
+        let t = topology_from(Some(&l), &no_rec, &health, now, &params(), true);
+        assert_eq!(t.primary.as_deref(), Some("p:1"));
+        let mut moved = m.clone();
+        moved.get_mut("n0").unwrap().pg_addr = "elsewhere:1".into();
+        let t = topology_from(Some(&l), &moved, &health, now, &params(), true);
+        assert_eq!(t.primary.as_deref(), Some("p:1"));
+        assert_eq!(leader_addr_for(&l, &m, "eu"), "p-eu:1");
+    }
+
+    #[test]
+    fn cache_is_usable_unless_the_region_is_marked_or_etcd_is_lost() {
+        let now = Instant::now();
+        let keys = Keys::new("c");
+        let key = |r: &str| {
+            format!(
+                "{}{}",
+                keys.prefix(),
+                meridian_shared::cache_keys::etcd_region_key(r)
+            )
+        };
+        assert_eq!(cache_region(&keys, &key("eu")), Some("eu"));
+        assert_eq!(cache_region(&keys, &keys.leader()), None);
+        assert_eq!(
+            cache_region(&keys, &format!("{}cache/", keys.prefix())),
+            None
+        );
+        assert_eq!(cache_region(&keys, "/meridian/other/cache/eu"), None);
+        assert!(cache_usable(None));
+        assert!(cache_usable(Some(true)));
+        assert!(!cache_usable(Some(false)));
+
+        let mut v = EtcdView::default();
+        let h = ReplicaHealth::new();
+        // Never in contact with etcd: not usable.
+        assert!(!v.topology(&h, now, &params()).cache_usable);
+        v.last_contact = Some(now);
+        // No record: usable.
+        assert!(v.topology(&h, now, &params()).cache_usable);
+        let unusable = CacheRegionRecord {
+            usable: false,
+            since: 1,
+        };
+        v.put(
+            &keys,
+            &key("eu"),
+            &records::encode("cache", &unusable).unwrap(),
+        );
+        assert!(!v.topology(&h, now, &params()).cache_usable);
+        // Another region's record does not matter.
+        let us_params = TopologyParams {
+            region: "us".into(),
+            ..params()
+        };
+        assert!(v.topology(&h, now, &us_params).cache_usable);
+        v.put(&keys, &key("eu"), br#"{"usable":true,"since":2}"#);
+        assert!(v.topology(&h, now, &params()).cache_usable);
+        v.put(&keys, &key("eu"), b"garbage");
+        assert!(!v.topology(&h, now, &params()).cache_usable);
+        v.delete(&keys, &key("eu"));
+        assert!(v.topology(&h, now, &params()).cache_usable);
+        v.put(
+            &keys,
+            &key("eu"),
+            &records::encode("cache", &unusable).unwrap(),
+        );
+        // A full re-read without the key: usable again.
+        v.reset(&keys, &[]);
+        assert!(v.topology(&h, now, &params()).cache_usable);
+        // etcd lost for longer than the lease TTL: not usable.
+        let later = now + Duration::from_millis(3001);
+        assert!(!v.topology(&h, later, &params()).cache_usable);
     }
 
     #[test]

@@ -68,6 +68,12 @@ pub struct Topology {
     pub state: LeaderView,
     /// How long a write waits for a serving, connectable primary (zero: fail at once).
     pub failover_hold: Duration,
+    /// Whether this region's result cache may be served from and stored into:
+    /// false while etcd `cache/<region>` holds `usable: false` (the region missed
+    /// invalidations) and while etcd is out of reach (invalidations cannot be
+    /// known to flow); true when the key is absent or usable. A static topology
+    /// has no coordinator that could mark it, so it is true there.
+    pub cache_usable: bool,
 }
 
 impl Topology {
@@ -88,6 +94,7 @@ impl Topology {
             epoch: 0,
             state: LeaderView::Static,
             failover_hold: Duration::ZERO,
+            cache_usable: true,
         }
     }
 
@@ -213,6 +220,8 @@ mod tests {
         assert!(!t.checks_epoch());
         assert_eq!(t.fence_epoch(), None);
         assert_eq!(t.failover_hold, Duration::ZERO);
+        assert!(t.cache_usable);
+        assert!(!Topology::default().cache_usable);
         assert_eq!(&*t.pick_replica("eu", 0).unwrap().addr, "r:1");
         let etcd = Topology {
             state: LeaderView::Serving,

@@ -9,7 +9,7 @@
 //! is written. Optional fields added after the first release carry
 //! `#[serde(default)]`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -130,6 +130,24 @@ pub struct MemberRecord {
     /// Version of the agent binary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Per-locality addresses: region -> `host:port` of the node's PostgreSQL as
+    /// reached from that region (the agent's `--advertise-pg-addr-for`, like
+    /// CockroachDB's `--locality-advertise-addr`). A region not listed uses
+    /// `pg_addr`. Default empty (and omitted), so older records still parse.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pg_addrs: BTreeMap<String, String>,
+}
+
+impl MemberRecord {
+    /// The address to dial this node's PostgreSQL at from `region`: its
+    /// `pg_addrs` entry for that region, else `pg_addr`.
+    pub fn pg_addr_for(&self, region: &str) -> &str {
+        self.pg_addrs
+            .get(region)
+            .map(String::as_str)
+            .filter(|a| !a.is_empty())
+            .unwrap_or(&self.pg_addr)
+    }
 }
 
 /// The `proxies/<id>` key, written by each pgproxy on its lease.
@@ -313,6 +331,38 @@ mod tests {
         assert!(tagged.tags.nofailover);
         assert_eq!(tagged.tags.priority, Some(5));
         assert!(decode::<MemberRecord>("member", b"{}").is_err());
+    }
+
+    #[test]
+    fn member_record_per_region_addresses() {
+        // An old record (no pg_addrs) parses and falls back to pg_addr everywhere.
+        let old: MemberRecord = decode(
+            "member",
+            br#"{"region":"eu","pg_addr":"h:1","agent_addr":"h:2","role":"replica"}"#,
+        )
+        .unwrap();
+        assert!(old.pg_addrs.is_empty());
+        assert_eq!(old.pg_addr_for("eu"), "h:1");
+        assert_eq!(old.pg_addr_for("us"), "h:1");
+        // Empty map is not written, so an old reader sees the same JSON as before.
+        let text = String::from_utf8(encode("member", &old).unwrap()).unwrap();
+        assert!(!text.contains("pg_addrs"), "{text}");
+
+        let rec: MemberRecord = serde_json::from_value(json!({"region":"eu","pg_addr":"h:1",
+            "agent_addr":"h:2","role":"primary",
+            "pg_addrs":{"eu":"h:1","us":"h:9","ap":""}}))
+        .unwrap();
+        assert_eq!(rec.pg_addr_for("us"), "h:9");
+        assert_eq!(rec.pg_addr_for("eu"), "h:1");
+        // Unknown region, or an empty entry: the advertised pg_addr.
+        assert_eq!(rec.pg_addr_for("sa"), "h:1");
+        assert_eq!(rec.pg_addr_for("ap"), "h:1");
+        let back: MemberRecord = decode("member", &encode("member", &rec).unwrap()).unwrap();
+        assert_eq!(back, rec);
+        assert_eq!(
+            serde_json::to_value(&rec).unwrap()["pg_addrs"]["us"],
+            json!("h:9")
+        );
     }
 
     #[test]

@@ -1,9 +1,14 @@
 //! [`LocalCluster`]: a whole Meridian cluster as processes on loopback. One etcd,
-//! N coordinators, and per region one Postgres node (its agent runs it) and one
-//! pgproxy. Every node is reached by everybody else through its own WAN
-//! [`Link`] (its advertised `pg_addr`), and each agent reaches etcd through its
-//! own link, so a test can partition one node from the rest of the cluster
-//! while a writer still reaches it directly on its real port.
+//! N coordinators, and per region one Postgres node (its agent runs it), one
+//! pgproxy and (unless `redis` is off) one `redis-server`. Every node is reached
+//! by everybody else through WAN [`Link`]s: one per region of the cluster, each
+//! delayed by the one-way [`WanDelays`] delay between that region and the node's
+//! (zero within a region). The agent advertises them as `members/<node>.pg_addrs`
+//! (`--advertise-pg-addr-for REGION=ADDR`), and its `pg_addr` is the same-region
+//! one, so proxies and standbys of region R dial the node through R's link. Each
+//! agent reaches etcd through its own link, so a test can partition one node
+//! from the rest of the cluster (every link of it cut) while a writer still
+//! reaches it directly on its real port.
 //!
 //! Dropping a `LocalCluster` kills everything it started (postmasters included,
 //! found through their `postmaster.pid`); [`LocalCluster::stop`] does the same
@@ -25,7 +30,9 @@ use crate::cluster_file::{ClusterFile, CoordinatorEntry, NodeEntry, RegionEntry}
 use crate::etcd::Etcd;
 use crate::ports::free_port;
 use crate::process::{alive, signal, tail, Proc};
+use crate::redis_server::RedisServer;
 use crate::wait::eventually;
+use crate::wan::WanDelays;
 use crate::wanlink::{Link, LinkControl};
 
 /// What to start.
@@ -42,6 +49,12 @@ pub struct ClusterSpec {
     pub lease_ttl: Duration,
     /// How long to wait for the whole cluster to serve.
     pub ready_timeout: Duration,
+    /// One-way delays between pairs of regions (symmetric; a pair not given and
+    /// traffic within a region have none). Default none.
+    pub wan_delays: WanDelays,
+    /// Start a `redis-server` per region and give its URL to the region's agent
+    /// (`--redis`). Default true.
+    pub redis: bool,
 }
 
 impl ClusterSpec {
@@ -56,6 +69,8 @@ impl ClusterSpec {
             // 2-core CI machine must never cause by accident.
             lease_ttl: Duration::from_secs(5),
             ready_timeout: Duration::from_secs(90),
+            wan_delays: WanDelays::none(),
+            redis: true,
         }
     }
 }
@@ -68,8 +83,12 @@ pub struct Node {
     pub pg_port: u16,
     pub data_dir: PathBuf,
     pub initial_role: &'static str,
-    /// Everybody else reaches this node's Postgres through this link.
+    /// Its own region reaches this node's Postgres through this link (no delay;
+    /// the advertised `pg_addr`, also used by the coordinators' probe).
     pub ingress: Link,
+    /// Every other region reaches it through its own link, delayed by the WAN
+    /// delay between that region and this node's.
+    pub region_links: BTreeMap<String, Link>,
     /// This node's agent reaches etcd through this link.
     pub etcd_link: Link,
     agent_args: Vec<String>,
@@ -80,6 +99,21 @@ impl Node {
     /// The address in `members/<node>` and `leader`.
     pub fn pg_addr(&self) -> String {
         self.ingress.local_addr().to_string()
+    }
+
+    /// The address `region` reaches this node's Postgres at
+    /// (`members/<node>.pg_addrs[region]`); `pg_addr` for an unknown region.
+    pub fn pg_addr_for(&self, region: &str) -> String {
+        match self.region_links.get(region) {
+            Some(link) => link.local_addr().to_string(),
+            None => self.pg_addr(),
+        }
+    }
+
+    /// Every link in front of this node: the same-region one and each other
+    /// region's.
+    fn links(&self) -> impl Iterator<Item = &Link> {
+        std::iter::once(&self.ingress).chain(self.region_links.values())
     }
 
     /// A libpq URL straight to this node's Postgres (as the superuser).
@@ -101,15 +135,20 @@ impl Node {
         self.agent.as_ref().map(Proc::pid)
     }
 
-    /// Cuts this node off: nobody reaches its Postgres through its address and
-    /// its agent loses etcd.
+    /// Cuts this node off: nobody reaches its Postgres through any of its
+    /// addresses (every region's link) and its agent loses etcd.
     pub fn partition(&self) {
-        self.ingress.control().cut();
+        for link in self.links() {
+            link.control().cut();
+        }
         self.etcd_link.control().cut();
     }
 
+    /// Restores every link [`partition`](Self::partition) cut.
     pub fn heal(&self) {
-        self.ingress.control().heal();
+        for link in self.links() {
+            link.control().heal();
+        }
         self.etcd_link.control().heal();
     }
 }
@@ -157,6 +196,8 @@ pub struct LocalCluster {
     pub coordinators: Vec<Coordinator>,
     pub nodes: Vec<Node>,
     pub proxies: Vec<Proxy>,
+    /// One per region when `spec.redis`.
+    pub redis: Vec<RedisServer>,
     certs: PathBuf,
     logs: PathBuf,
 }
@@ -174,6 +215,9 @@ impl LocalCluster {
     /// Starts everything and waits until the cluster serves through every proxy.
     pub async fn start(spec: ClusterSpec) -> anyhow::Result<LocalCluster> {
         anyhow::ensure!(!spec.regions.is_empty(), "at least one region is needed");
+        spec.wan_delays
+            .check_regions(&spec.regions)
+            .map_err(|e| anyhow::anyhow!("wan_delays: {e}"))?;
         let bins = Binaries::locate()?;
         let dir = spec.dir.clone();
         std::fs::create_dir_all(dir.join("nodes"))
@@ -209,12 +253,21 @@ impl LocalCluster {
             coordinators: Vec::new(),
             nodes: Vec::new(),
             proxies: Vec::new(),
+            redis: Vec::new(),
             certs,
             logs,
         };
 
         for name in &coord_names {
             cluster.spawn_coordinator(name)?;
+        }
+        if spec.redis {
+            for region in &spec.regions {
+                let server = RedisServer::start(&dir, &cluster.logs, region)
+                    .await
+                    .map_err(|e| cluster.explain(e))?;
+                cluster.redis.push(server);
+            }
         }
 
         for (i, region) in spec.regions.iter().enumerate() {
@@ -229,6 +282,16 @@ impl LocalCluster {
                 LinkControl::new(Duration::ZERO, Duration::ZERO),
             )
             .await?;
+            let mut region_links = BTreeMap::new();
+            for other in spec.regions.iter().filter(|r| *r != region) {
+                let link = Link::start(
+                    "127.0.0.1:0".parse()?,
+                    format!("127.0.0.1:{pg_port}"),
+                    LinkControl::new(spec.wan_delays.get(other, region), Duration::ZERO),
+                )
+                .await?;
+                region_links.insert(other.clone(), link);
+            }
             let etcd_link = Link::start(
                 "127.0.0.1:0".parse()?,
                 cluster.etcd.client_addr().to_owned(),
@@ -264,6 +327,20 @@ impl LocalCluster {
                 s("--http-listen"),
                 format!("127.0.0.1:{}", free_port()?),
             ];
+            for r in &spec.regions {
+                let addr = match region_links.get(r) {
+                    Some(link) => link.local_addr(),
+                    None => ingress.local_addr(),
+                };
+                args.push(s("--advertise-pg-addr-for"));
+                args.push(format!("{r}={addr}"));
+            }
+            if let Some(redis) = cluster.redis.iter().find(|r| &r.region == region) {
+                args.push(s("--redis"));
+                args.push(redis.url());
+            }
+            // The application database's changes invalidate the cache.
+            args.extend([s("--cache-database"), s("app")]);
             if i == 0 {
                 args.push(s("--bootstrap"));
             }
@@ -274,6 +351,7 @@ impl LocalCluster {
                 data_dir: node_dir.join("data"),
                 initial_role: if i == 0 { "primary" } else { "replica" },
                 ingress,
+                region_links,
                 etcd_link,
                 agent_args: args,
                 agent: None,
@@ -390,6 +468,11 @@ impl LocalCluster {
             s("--region"),
             s(region),
         ];
+        let mut args = args;
+        // The region's result cache, in the region's Redis (the agents keep its watermarks).
+        if let Ok(url) = self.redis_url(region) {
+            args.extend([s("--cache-redis"), url, s("--cache-database"), s("app")]);
+        }
         let name = format!("pgproxy-{region}");
         let proc = Proc::spawn(
             &name,
@@ -479,6 +562,34 @@ impl LocalCluster {
             .iter()
             .find(|p| p.region == region)
             .with_context(|| format!("no proxy in region {region}"))
+    }
+
+    fn redis_of(&mut self, region: &str) -> anyhow::Result<&mut RedisServer> {
+        self.redis
+            .iter_mut()
+            .find(|r| r.region == region)
+            .with_context(|| format!("no redis in region {region} (ClusterSpec.redis off?)"))
+    }
+
+    /// `redis://127.0.0.1:PORT` of the region's Redis.
+    pub fn redis_url(&self, region: &str) -> anyhow::Result<String> {
+        self.redis
+            .iter()
+            .find(|r| r.region == region)
+            .map(RedisServer::url)
+            .with_context(|| format!("no redis in region {region} (ClusterSpec.redis off?)"))
+    }
+
+    /// Stops the region's Redis (SIGTERM to its PID); its agent keeps the URL.
+    pub async fn stop_redis(&mut self, region: &str) -> anyhow::Result<()> {
+        self.redis_of(region)?.stop().await;
+        Ok(())
+    }
+
+    /// Starts the region's stopped Redis again on the same port (empty: no
+    /// persistence) and waits until it answers `PING`.
+    pub async fn start_redis(&mut self, region: &str) -> anyhow::Result<()> {
+        self.redis_of(region)?.start_again().await
     }
 
     pub async fn etcd_client(&self) -> anyhow::Result<etcd_client::Client> {
@@ -598,10 +709,15 @@ impl LocalCluster {
             regions: self
                 .proxies
                 .iter()
-                .map(|p| RegionEntry {
-                    name: p.region.clone(),
-                    proxy_dsn: p.dsn(),
-                    proxy_pid: p.pid().unwrap_or(0),
+                .map(|p| {
+                    let redis = self.redis.iter().find(|r| r.region == p.region);
+                    RegionEntry {
+                        name: p.region.clone(),
+                        proxy_dsn: p.dsn(),
+                        proxy_pid: p.pid().unwrap_or(0),
+                        redis_url: redis.map(RedisServer::url),
+                        redis_pid: redis.and_then(RedisServer::pid),
+                    }
                 })
                 .collect(),
             nodes: self
@@ -676,14 +792,17 @@ impl LocalCluster {
                 signal(pid, Signal::SIGQUIT);
             }
         }
+        for r in &mut self.redis {
+            r.stop().await;
+        }
         self.etcd.stop().await;
     }
 }
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        // Proc's own Drop kills agents, coordinators, proxies and etcd; the
-        // postmasters are not our direct children.
+        // Proc's own Drop kills agents, coordinators, proxies, Redis servers and
+        // etcd; the postmasters are not our direct children.
         for n in &self.nodes {
             if let Some(pid) = n.postmaster_pid() {
                 signal(pid, Signal::SIGQUIT);

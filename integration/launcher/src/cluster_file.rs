@@ -31,6 +31,12 @@ pub struct RegionEntry {
     pub name: String,
     pub proxy_dsn: String,
     pub proxy_pid: u32,
+    /// The region's Redis, `redis://127.0.0.1:PORT` (absent: started without Redis).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// PID of its `redis-server` (absent: none running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_pid: Option<u32>,
 }
 
 /// One Postgres node with its agent.

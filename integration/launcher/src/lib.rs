@@ -1,7 +1,8 @@
 //! The local multi-region cluster: `meridianctl local up` and the end-to-end
 //! tests start the same thing through this crate. It spawns real processes on
-//! loopback with free ports (etcd, coordinators, one Postgres node with its agent
-//! and one pgproxy per region, a userspace WAN link in front of every node),
+//! loopback with free ports (etcd, coordinators, one Postgres node with its agent,
+//! one pgproxy and one Redis per region, userspace WAN links in front of every
+//! node, one per region, delayed per region pair: [`wan::WanDelays`]),
 //! waits until the cluster serves, and writes `DIR/cluster.json`
 //! ([`ClusterFile`]), the machine-readable description scripts and
 //! `meridianctl --dir DIR` rely on.
@@ -15,13 +16,16 @@ pub mod cluster_file;
 pub mod etcd;
 pub mod ports;
 pub mod process;
+pub mod redis_server;
 pub mod wait;
+pub mod wan;
 pub mod wanlink;
 
 use std::time::Duration;
 
 pub use cluster::{connect, ClusterSpec, LocalCluster};
 pub use cluster_file::{ClusterFile, CoordinatorEntry, NodeEntry, RegionEntry};
+pub use wan::WanDelays;
 
 /// `meridianctl local …`
 #[derive(Debug, clap::Args)]
@@ -54,6 +58,17 @@ pub struct UpArgs {
     /// Number of coordinators (one active, the others standing by).
     #[arg(long, default_value_t = 2)]
     pub coordinators: usize,
+    /// One-way delays between regions, applied in each direction by userspace
+    /// links in front of every node (this kernel has no netem), as comma-separated
+    /// REGION:REGION=DELAY, e.g. us-east:eu-west=40ms,us-east:us-west=35ms.
+    /// Symmetric; pairs not given and traffic within a region have none.
+    /// Default: none.
+    #[arg(long, value_name = "A:B=DELAY,...")]
+    pub wan_delay: Option<String>,
+    /// Start no Redis (by default one redis-server per region, given to the
+    /// region's agent as --redis).
+    #[arg(long)]
+    pub no_redis: bool,
 }
 
 /// Runs a `local` subcommand.
@@ -73,6 +88,9 @@ async fn run_up(up: UpArgs) -> anyhow::Result<()> {
     let mut spec = ClusterSpec::new(&up.dir, &regions);
     spec.cluster = up.cluster.clone();
     spec.coordinators = up.coordinators;
+    spec.wan_delays = WanDelays::parse(up.wan_delay.as_deref().unwrap_or(""), &spec.regions)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    spec.redis = !up.no_redis;
     eprintln!(
         "starting cluster {:?} in {} (logs in {}/logs)…",
         spec.cluster,
@@ -83,6 +101,17 @@ async fn run_up(up: UpArgs) -> anyhow::Result<()> {
     println!("cluster {:?} is up", cluster.spec.cluster);
     for p in &cluster.proxies {
         println!("  {:<10} psql \"{}\"", p.region, p.dsn());
+    }
+    for r in &cluster.redis {
+        println!("  {:<10} redis {}", r.region, r.url());
+    }
+    if cluster.spec.wan_delays.is_empty() {
+        println!("  no WAN delay between regions");
+    } else {
+        println!(
+            "  WAN delay (one-way, each direction): {}",
+            cluster.spec.wan_delays
+        );
     }
     for n in &cluster.nodes {
         println!(
