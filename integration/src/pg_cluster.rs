@@ -13,6 +13,11 @@
 //! the directory is kept as well. `MERIDIAN_PG_BIN_DIR` overrides where the
 //! server programs are found. Limits: one host, TCP on 127.0.0.1 only, trust
 //! authentication from loopback plus whatever HBA lines the test adds.
+//!
+//! `.tls(cert, key)` turns on `ssl` on every node with that PEM pair (copied
+//! into the cluster's dir, owned by the server's OS user, key mode 0600); the
+//! default trust lines stay `host` lines, so clients may still connect in
+//! plaintext unless the test adds `hostnossl ... reject` lines with `.hba`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -40,6 +45,7 @@ pub struct PgClusterBuilder {
     bin_dir: Option<PathBuf>,
     os_user: String,
     ready_timeout: Duration,
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for PgClusterBuilder {
@@ -53,6 +59,7 @@ impl Default for PgClusterBuilder {
             bin_dir: std::env::var_os("MERIDIAN_PG_BIN_DIR").map(PathBuf::from),
             os_user: "postgres".into(),
             ready_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -114,6 +121,38 @@ impl PgClusterBuilder {
         self
     }
 
+    /// `ssl = on` on every node, serving the PEM certificate (chain) `cert`
+    /// with the private key `key` (default: no TLS).
+    pub fn tls(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Copies the TLS files into `dir` where the server's OS user can read
+    /// them (PostgreSQL refuses a key readable by others) and adds the settings.
+    fn install_tls(&mut self, dir: &Path, user: &OsUser) -> anyhow::Result<()> {
+        let Some((cert, key)) = self.tls.clone() else {
+            return Ok(());
+        };
+        let cert_to = dir.join("server.crt");
+        let key_to = dir.join("server.key");
+        std::fs::copy(&cert, &cert_to)
+            .with_context(|| format!("copying {} into the cluster", cert.display()))?;
+        std::fs::copy(&key, &key_to)
+            .with_context(|| format!("copying {} into the cluster", key.display()))?;
+        std::fs::set_permissions(&key_to, std::fs::Permissions::from_mode(0o600))
+            .context("chmod 0600 on the server key")?;
+        for f in [&cert_to, &key_to] {
+            user.chown(f)?;
+        }
+        self.settings.push(("ssl".into(), "on".into()));
+        self.settings
+            .push(("ssl_cert_file".into(), cert_to.display().to_string()));
+        self.settings
+            .push(("ssl_key_file".into(), key_to.display().to_string()));
+        Ok(())
+    }
+
     fn spec(&self, dir: &Path, name: &str) -> anyhow::Result<PgNodeSpec> {
         let mut spec = PgNodeSpec::new(name, dir.join(name), free_port()?);
         spec.settings.fsync = self.fsync;
@@ -128,7 +167,7 @@ impl PgClusterBuilder {
     }
 
     /// Creates, starts and waits for the primary and the replicas.
-    pub async fn start(self) -> anyhow::Result<PgCluster> {
+    pub async fn start(mut self) -> anyhow::Result<PgCluster> {
         let started = Instant::now();
         let bins = PgBinaries::discover(self.bin_dir.clone())?;
         let user = OsUser::ensure(&self.os_user).await?;
@@ -139,6 +178,7 @@ impl PgClusterBuilder {
         // The OS user PostgreSQL runs as must reach the data dirs inside.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .context("chmod 0755 on the cluster's temp dir")?;
+        self.install_tls(dir.path(), &user)?;
 
         let primary = PgNode::new(bins.clone(), user.clone(), self.spec(dir.path(), "node0")?);
         let mut cluster = PgCluster {

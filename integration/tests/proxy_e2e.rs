@@ -2,133 +2,15 @@
 //! End-to-end tests of meridian-pgproxy against a real PostgreSQL primary with
 //! a real streaming replica, through real clients (tokio-postgres, psql, pgbench).
 
+mod common;
+
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_integration::{eventually, PgCluster};
-use meridian_pgproxy::topology::Topology;
-use meridian_pgproxy::{run, Listeners};
-use meridian_shared::config::{AuthMethod, PoolMode, ProxyConfig, ReplicaConfig, UserConfig};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use common::{trust_config, wait_count, wait_running, Proxy};
+use meridian_integration::PgCluster;
+use meridian_shared::config::{AuthMethod, PoolMode, UserConfig};
 use tokio_postgres::NoTls;
-
-/// A proxy running in-process on free ports; stopped on drop.
-struct Proxy {
-    port: u16,
-    admin_port: u16,
-    stop: watch::Sender<bool>,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-    }
-}
-
-impl Proxy {
-    async fn start(mut cfg: ProxyConfig) -> Proxy {
-        meridian_shared::telemetry::init();
-        let clients = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = clients.local_addr().unwrap().port();
-        let admin_port = admin.local_addr().unwrap().port();
-        cfg.listen = format!("127.0.0.1:{port}");
-        cfg.admin_listen = format!("127.0.0.1:{admin_port}");
-        cfg.shutdown_drain = Duration::from_secs(1);
-        let (_topo_tx, topo_rx) = watch::channel(Arc::new(Topology::from_config(&cfg)));
-        let (stop, stop_rx) = watch::channel(false);
-        let (_cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg));
-        tokio::spawn(async move {
-            let _keep = _topo_tx;
-            let _keep_cfg = _cfg_tx;
-            if let Err(e) = run(
-                cfg_rx,
-                Listeners {
-                    clients,
-                    admin: Some(admin),
-                },
-                topo_rx,
-                None,
-                stop_rx,
-            )
-            .await
-            {
-                panic!("proxy failed: {e}");
-            }
-        });
-        Proxy {
-            port,
-            admin_port,
-            stop,
-        }
-    }
-
-    fn dsn(&self, user: &str, extra: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={user} dbname=postgres {extra}",
-            self.port
-        )
-    }
-
-    async fn connect(
-        &self,
-        user: &str,
-        extra: &str,
-    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) = tokio_postgres::connect(&self.dsn(user, extra), NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(client)
-    }
-}
-
-fn trust_config(cluster: &PgCluster) -> ProxyConfig {
-    let mut cfg = ProxyConfig {
-        auth: AuthMethod::Trust,
-        ..Default::default()
-    };
-    cfg.backends.primary = Some(format!("127.0.0.1:{}", cluster.primary().port()));
-    cfg.backends.replicas = cluster
-        .replicas()
-        .iter()
-        .map(|r| ReplicaConfig {
-            addr: format!("127.0.0.1:{}", r.port()),
-            region: None,
-        })
-        .collect();
-    cfg
-}
-
-/// Waits until the count query `sql` returns `expected` (replication is asynchronous).
-async fn wait_count(c: &tokio_postgres::Client, sql: &str, expected: i64, within: Duration) {
-    eventually(within, sql, || async {
-        let n: i64 = c.query_one(sql, &[]).await?.get(0);
-        anyhow::ensure!(n == expected, "got {n}, want {expected}");
-        Ok(())
-    })
-    .await
-    .unwrap();
-}
-
-/// Waits until exactly one session on the server of `c` is running `query`.
-async fn wait_running(c: &tokio_postgres::Client, query: &str) {
-    eventually(Duration::from_secs(10), query, || async {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
-                &[&query],
-            )
-            .await?
-            .get(0);
-        anyhow::ensure!(n == 1, "{n} sessions run it");
-        Ok(())
-    })
-    .await
-    .unwrap();
-}
 
 async fn is_replica(c: &tokio_postgres::Client, sql: &str) -> bool {
     c.query_one(sql, &[]).await.unwrap().get::<_, bool>(0)

@@ -421,6 +421,20 @@ impl BackendConn {
         }
     }
 
+    /// Runs `DISCARD ALL` on its own (it cannot run inside a multi-statement
+    /// query, which is an implicit transaction) and forgets what it dropped:
+    /// prepared statements and session parameters. Used before a connection that
+    /// carried a pinned session's state (temp tables, advisory locks, listeners,
+    /// cursors) is handed to another client.
+    pub async fn discard_session_state(&mut self) -> Result<(), BackendError> {
+        self.simple_query("DISCARD ALL").await?;
+        self.prepared.clear();
+        self.unnamed = None;
+        self.params_hash = 0;
+        self.reset = Reset::None;
+        Ok(())
+    }
+
     /// Sends `Terminate` and closes, ignoring errors (the connection is being dropped).
     pub async fn terminate(mut self) {
         let mut buf = BytesMut::new();

@@ -7,6 +7,9 @@
 //! happens while it waits. A connection idle for longer than
 //! `health_check_after` is checked with a round trip before it is handed out;
 //! a broken one, or one not idle outside a transaction, is never handed out.
+//! One that a pinned session gave back (`Reset::Discard`: temp tables, locks,
+//! listeners, cursors) first gets `DISCARD ALL`, sent on its own because it
+//! cannot run inside a multi-statement query.
 //!
 //! Proxy-side fencing: a pool for the primary of an etcd topology is keyed by
 //! the leader's epoch, and every new connection in it must answer
@@ -23,7 +26,7 @@ use meridian_shared::config::PoolConfig;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::broadcast;
 
-use crate::backend::{BackendConn, BackendError, ConnectParams};
+use crate::backend::{BackendConn, BackendError, ConnectParams, Reset};
 use crate::topology::Topology;
 
 /// The fencing check run on every new primary connection of an etcd topology.
@@ -132,6 +135,11 @@ impl bb8::ManageConnection for Manager {
     }
 
     async fn is_valid(&self, conn: &mut BackendConn) -> Result<(), BackendError> {
+        // A pinned session's backend comes back with its session state: clean it
+        // before the next client sees it (this also proves it alive).
+        if conn.reset == Reset::Discard {
+            return conn.discard_session_state().await;
+        }
         if conn.last_used.elapsed() < self.health_check_after {
             return Ok(());
         }
@@ -320,6 +328,7 @@ mod tests {
             epoch,
             state,
             failover_hold: Duration::from_secs(1),
+            cache_usable: false,
         }
     }
 
