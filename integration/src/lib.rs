@@ -14,6 +14,7 @@
 pub mod containers;
 pub mod etcd;
 pub mod pg_cluster;
+pub mod probe;
 
 pub use meridian_launcher::{ports, wait};
 

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod cache;
 pub mod cancel;
 pub mod catalog;
 pub mod client;
@@ -61,6 +62,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("cache.redis: {0}")]
+    CacheRedis(#[from] redis::RedisError),
 }
 
 /// State shared by every session of one proxy.
@@ -79,6 +82,8 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     pub next_session: AtomicU64,
     pub clients: AtomicUsize,
+    /// The regional result cache, when `[cache]` is enabled.
+    pub cache: Option<cache::RegionCache>,
 }
 
 impl Shared {
@@ -167,7 +172,9 @@ pub async fn run(
             table
         }
     };
+    let region_cache = cache::RegionCache::from_config(&cfg)?;
     let shared = Arc::new(Shared {
+        cache: region_cache,
         replicas,
         classifier: Classifier::new(cfg.routing.parse_cache_size),
         catalog: RwLock::new(Arc::new(catalog)),

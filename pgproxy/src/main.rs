@@ -91,6 +91,15 @@ struct Args {
     /// Read-your-writes on or off [default: true].
     #[arg(long, env = "MERIDIAN_PGPROXY_READ_YOUR_WRITES")]
     read_your_writes: Option<bool>,
+    /// Enable the regional result cache with this Redis (sets `cache.enabled` and `cache.redis`).
+    #[arg(long, env = "MERIDIAN_PGPROXY_CACHE_REDIS")]
+    cache_redis: Option<String>,
+    /// The database whose reads are cached (the agents' `--cache-database`) [default: postgres].
+    #[arg(long, env = "MERIDIAN_PGPROXY_CACHE_DATABASE")]
+    cache_database: Option<String>,
+    /// Longest a cache lookup may take before the read runs uncached [default: 20ms].
+    #[arg(long, env = "MERIDIAN_PGPROXY_CACHE_TIMEOUT", value_parser = humantime::parse_duration)]
+    cache_timeout: Option<Duration>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -174,6 +183,16 @@ impl Args {
         }
         if let Some(v) = self.read_your_writes {
             cfg.routing.read_your_writes = v;
+        }
+        if let Some(v) = &self.cache_redis {
+            cfg.cache.enabled = true;
+            cfg.cache.redis = v.clone();
+        }
+        if let Some(v) = &self.cache_database {
+            cfg.cache.database = v.clone();
+        }
+        if let Some(v) = self.cache_timeout {
+            cfg.cache.timeout = v;
         }
         cfg.validate()?;
         Ok(cfg)

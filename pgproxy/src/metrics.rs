@@ -64,6 +64,12 @@ pub struct Metrics {
     pub ryw_reads: Family<OutcomeLabel, Counter>,
     /// Time such reads waited for a replica to replay their LSN.
     pub ryw_wait_seconds: Histogram,
+    /// Cache lookups by outcome: hit, miss, stale, error, bypass.
+    pub cache_lookups: Family<OutcomeLabel, Counter>,
+    /// Cache stores by outcome: stored, too_large, error.
+    pub cache_stores: Family<OutcomeLabel, Counter>,
+    /// Time a cache lookup took (Redis round trip included).
+    pub cache_lookup_seconds: Histogram,
 }
 
 impl Metrics {
@@ -155,7 +161,28 @@ impl Metrics {
             "Time reads waited for a replica to replay the session's required LSN",
             ryw_wait_seconds.clone(),
         );
+        let cache_lookups = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "cache_lookups",
+            "Regional cache lookups by outcome (hit, miss, stale, error, bypass)",
+            cache_lookups.clone(),
+        );
+        let cache_stores = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "cache_stores",
+            "Regional cache stores by outcome (stored, too_large, error)",
+            cache_stores.clone(),
+        );
+        let cache_lookup_seconds = Histogram::new(exponential_buckets(0.000_025, 2.0, 12));
+        registry.register(
+            "cache_lookup_seconds",
+            "Time a regional cache lookup took",
+            cache_lookup_seconds.clone(),
+        );
         Metrics {
+            cache_lookups,
+            cache_stores,
+            cache_lookup_seconds,
             ryw_reads,
             ryw_wait_seconds,
             failover_holds,
@@ -173,6 +200,20 @@ impl Metrics {
             latency,
             backend_connections,
         }
+    }
+
+    /// Counts a cache lookup outcome.
+    pub fn cache_lookup(&self, outcome: &'static str) {
+        self.cache_lookups
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    /// Counts a cache store outcome.
+    pub fn cache_store(&self, outcome: &'static str) {
+        self.cache_stores
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     pub fn error(&self, sqlstate: &str) {

@@ -28,6 +28,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use crate::backend::{BackendConn, BackendError, ConnectParams, Reset};
+use crate::cache::rules::{self as cache_rules, Bracket, SessionFloor};
+use crate::cache::{self, store::Found, Plan};
 use crate::cancel::{BackendKey, CancelSlot};
 use crate::client::{ClientConn, ClientError};
 use crate::metrics::{OutcomeLabel, TargetLabel};
@@ -104,6 +106,11 @@ enum Pending {
     /// The proxy's own commit-LSN query ([`ryw::COMMIT_LSN_QUERY`]): its rows
     /// update `last_commit_lsn`, nothing reaches the client.
     Lsn,
+    /// The proxy's `pg_last_wal_replay_lsn()` before (`after: false`) or after a cache fill's
+    /// query: its row brackets the captured result, nothing reaches the client.
+    ReplayLsn {
+        after: bool,
+    },
     /// Answered by the proxy itself when it reaches the head of the queue.
     Synthetic(Frame),
 }
@@ -231,6 +238,47 @@ pub struct Session<S> {
     /// A committing statement is running on the primary: learn the commit LSN
     /// once its ReadyForQuery says idle.
     commit_pending: bool,
+    /// A cacheable read running on a replica whose result is being captured.
+    fill: Option<Fill>,
+    /// What this session has read through the cache (monotonic reads).
+    cache_floor: SessionFloor,
+    /// An extended-protocol execution waiting for its Sync (cache lookup).
+    hold: Option<Hold>,
+    /// Client messages released from a hold, handled before reading the client again.
+    backlog: VecDeque<Frame>,
+    /// Released messages are being handled: no new hold until their Sync.
+    releasing: bool,
+    /// The released execution's Bind starts a fill with this plan.
+    fill_next: Option<Plan>,
+}
+
+/// An extended-protocol execution held back until its Sync, to be answered from the cache.
+#[derive(Debug)]
+struct Hold {
+    plan: Plan,
+    stmt: Arc<Stmt>,
+    /// The Bind message after its portal and statement names.
+    bind_rest: Vec<u8>,
+    frames: Vec<Frame>,
+    described: bool,
+    executed: bool,
+}
+
+/// A cache fill in progress: the result messages of one read and the replay positions around it.
+#[derive(Debug)]
+struct Fill {
+    plan: Plan,
+    lower: Option<Lsn>,
+    upper: Option<Lsn>,
+    messages: bytes::BytesMut,
+    /// Still storable: no error, no COPY, within `cache.max_entry_bytes`.
+    ok: bool,
+    /// The opening replay position was answered: the next query answer is the read's.
+    started: bool,
+    /// The read's ReadyForQuery was seen.
+    done: bool,
+    /// The closing replay position is queued.
+    closed: bool,
 }
 
 fn stmt_hash(query: &str, types: &[u8]) -> u64 {
@@ -282,6 +330,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             want_replica: None,
             batch_commit: false,
             commit_pending: false,
+            fill: None,
+            cache_floor: SessionFloor::default(),
+            hold: None,
+            backlog: VecDeque::new(),
+            releasing: false,
+            fill_next: None,
         }
     }
 
@@ -649,6 +703,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 self.stalled = Some(f);
             }
+            // Messages released from a cache hold come before anything newer.
+            if self.stalled.is_none() {
+                if let Some(f) = self.backlog.pop_front() {
+                    if self.handle_client(f).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
             // Drain whatever the client already sent before waiting.
             if self.stalled.is_none() {
                 if let Some(f) = self.client.try_buffered_frame()? {
@@ -748,14 +811,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// A backend failed. In-flight work gets a class-08 error; an idle backend is dropped quietly.
     async fn backend_lost(&mut self, w: Which, e: BackendError) -> Result<(), SessionError> {
+        self.fill = None;
         if let Some(mut c) = self.slot(w).take() {
             c.broken = true;
         }
         let busy = self.active == Some(w)
-            && self
-                .pending
-                .iter()
-                .any(|p| !matches!(p, Pending::Lsn | Pending::Query { swallow: true, .. }));
+            && self.pending.iter().any(|p| {
+                !matches!(
+                    p,
+                    Pending::Lsn | Pending::ReplayLsn { .. } | Pending::Query { swallow: true, .. }
+                )
+            });
         if !busy {
             // Only the proxy's own queries were in flight: nothing to tell the client.
             if self.active == Some(w) {
@@ -808,7 +874,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     first = false;
                     trailing = false;
                 }
-                Pending::Query { swallow: true, .. } | Pending::Lsn => {}
+                Pending::Query { swallow: true, .. } | Pending::Lsn | Pending::ReplayLsn { .. } => {
+                }
                 _ => trailing = true,
             }
         }
@@ -985,6 +1052,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.must_stall(target, &f) {
             return Ok(());
         }
+        let plan = self.cache_plan(
+            target,
+            &analysis,
+            &sql,
+            &cache::entry::simple_identity(&sql),
+        );
+        if let Some(plan) = &plan {
+            if self.serve_from_cache(plan, &analysis).await? {
+                return Ok(());
+            }
+        }
         let target = self.ryw_route(target, &analysis).await;
         if self.must_stall(target, &f) {
             return Ok(());
@@ -997,6 +1075,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.answer_no_backend(e, true).await;
         }
         self.count_route(target);
+        if let Some(plan) = plan.filter(|_| target == Which::Replica && self.fill.is_none()) {
+            self.start_fill(target, plan);
+        }
         if let Some(c) = self.conn(target) {
             c.queue(&f.raw);
         }
@@ -1005,12 +1086,300 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             analysis: Some(analysis),
             failed: false,
         });
+        self.close_fill(target);
         if commits {
             self.commit_pending = true;
         }
         self.active = Some(target);
         self.set_cancel_target(target);
         Ok(())
+    }
+
+    /// The cache plan of a simple-protocol read about to run on a replica, outside any
+    /// transaction, with nothing else in flight.
+    fn cache_plan(
+        &self,
+        target: Which,
+        analysis: &Analysis,
+        sql: &str,
+        identity: &[u8],
+    ) -> Option<Plan> {
+        let cache = self.shared.cache.as_ref()?;
+        if target != Which::Replica
+            || self.tx_backend.is_some()
+            || self.lazy_begin.is_some()
+            || self.pinned.is_some()
+            || self.tx_status != b'I'
+        {
+            return None;
+        }
+        cache.plan(
+            &self.shared,
+            &cache::Request {
+                analysis,
+                sql,
+                identity,
+                database: &self.login.database,
+                user: &self.login.user,
+                params: &self.params.list,
+            },
+        )
+    }
+
+    /// The extended protocol: a cacheable `Bind` (of a statement prepared earlier) starts a hold;
+    /// `Describe` of the portal and `Execute` (all rows) join it; its `Sync` is answered from the
+    /// cache or releases the held messages, to run with a fill. Anything else releases them
+    /// unchanged. Returns true when `f` was taken.
+    async fn hold_extended(&mut self, f: &Frame) -> Result<bool, SessionError> {
+        let Some(hold) = self.hold.as_mut() else {
+            return self.start_hold(f);
+        };
+        match f.tag {
+            b'D' if matches!(wire::target_of(f), Ok((b'P', _))) && !hold.executed => {
+                hold.described = true;
+                hold.frames.push(f.clone());
+                return Ok(true);
+            }
+            b'E' if !hold.executed && wire::execute_max_rows(f) == Some(0) => {
+                hold.executed = true;
+                hold.frames.push(f.clone());
+                return Ok(true);
+            }
+            b'S' if hold.executed => {}
+            _ => {
+                self.release_hold(f, false);
+                return Ok(true);
+            }
+        }
+        let Some(mut hold) = self.hold.take() else {
+            return Ok(false);
+        };
+        let identity = cache::entry::extended_identity(
+            &hold.stmt.query,
+            &hold.stmt.param_types,
+            hold.described,
+            &hold.bind_rest,
+        );
+        hold.plan.hash = cache::entry::entry_hash(
+            &self.login.database,
+            &self.login.user,
+            &self.params.list,
+            &identity,
+        );
+        let analysis = hold.stmt.analysis.clone();
+        if self.serve_from_cache(&hold.plan, &analysis).await? {
+            return Ok(true);
+        }
+        let plan = hold.plan.clone();
+        self.hold = Some(hold);
+        self.release_hold(f, true);
+        self.fill_next = Some(plan);
+        Ok(true)
+    }
+
+    fn start_hold(&mut self, f: &Frame) -> Result<bool, SessionError> {
+        if f.tag != b'B'
+            || self.shared.cache.is_none()
+            || self.batch.is_some()
+            || self.releasing
+            || self.stalled.is_some()
+        {
+            return Ok(false);
+        }
+        let Ok((_, stmt_name, rest)) = wire::bind_names(f) else {
+            return Ok(false);
+        };
+        let Some(stmt) = self.lookup_stmt(stmt_name) else {
+            return Ok(false);
+        };
+        let target = self.target_for(&stmt.analysis);
+        let identity = cache::entry::extended_identity(&stmt.query, &stmt.param_types, false, rest);
+        let Some(plan) = self.cache_plan(target, &stmt.analysis, &stmt.query, &identity) else {
+            return Ok(false);
+        };
+        self.hold = Some(Hold {
+            plan,
+            bind_rest: rest.to_vec(),
+            stmt,
+            frames: vec![f.clone()],
+            described: false,
+            executed: false,
+        });
+        Ok(true)
+    }
+
+    /// Lets the held messages and `f` run as usual (through the backlog, in order).
+    fn release_hold(&mut self, f: &Frame, fill: bool) {
+        if let Some(hold) = self.hold.take() {
+            self.backlog.extend(hold.frames);
+            self.releasing = true;
+        }
+        if !fill {
+            self.fill_next = None;
+        }
+        self.backlog.push_back(f.clone());
+    }
+
+    /// Looks `plan` up and answers the client from the cache if the entry may be served.
+    async fn serve_from_cache(
+        &mut self,
+        plan: &Plan,
+        analysis: &Analysis,
+    ) -> Result<bool, SessionError> {
+        let Some(cache) = self.shared.cache.as_ref() else {
+            return Ok(false);
+        };
+        let metrics = self.shared.metrics.clone();
+        let started = Instant::now();
+        let found = cache
+            .store
+            .lookup(plan.epoch, &plan.hash, &plan.tables)
+            .await;
+        metrics
+            .cache_lookup_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let (value, watermarks) = match found {
+            Ok(Found::Entry(value, watermarks)) => (value, watermarks),
+            Ok(Found::Miss) => {
+                metrics.cache_lookup("miss");
+                return Ok(false);
+            }
+            Err(e) => {
+                debug!(error = %e, "cache lookup failed; running the read uncached");
+                metrics.cache_lookup(e.outcome());
+                return Ok(false);
+            }
+        };
+        let Some((bracket, messages)) = cache::entry::decode(&value) else {
+            metrics.cache_lookup("miss");
+            return Ok(false);
+        };
+        let required = self.ryw_need(analysis).lsn;
+        if !cache_rules::may_serve(
+            &plan.hash,
+            bracket,
+            &watermarks,
+            required,
+            &self.cache_floor,
+        ) {
+            metrics.cache_lookup("stale");
+            return Ok(false);
+        }
+        metrics.cache_lookup("hit");
+        metrics
+            .queries
+            .get_or_create(&TargetLabel { target: "cache" })
+            .inc();
+        self.cache_floor.observe(&plan.hash, bracket);
+        if let Some(start) = self.query_start.take() {
+            metrics.latency.observe(start.elapsed().as_secs_f64());
+        }
+        if self.pending.is_empty() {
+            self.client.send_raw(messages);
+            self.client.send(&wire::ready_for_query(b'I'));
+            self.tx_status = b'I';
+            self.client.flush().await?;
+        } else {
+            // Answers to earlier messages (e.g. a pipelined Close and Sync) come first.
+            let answer = Frame {
+                tag: b'T',
+                raw: bytes::Bytes::copy_from_slice(messages),
+            };
+            self.pending.push_back(Pending::Synthetic(answer));
+            self.pending
+                .push_back(Pending::Synthetic(wire::ready_for_query(b'I')));
+        }
+        Ok(true)
+    }
+
+    /// Starts a fill: the opening replay position is queued before the read.
+    fn start_fill(&mut self, w: Which, plan: Plan) {
+        self.queue_replay_lsn(w, false);
+        self.fill = Some(Fill {
+            plan,
+            lower: None,
+            upper: None,
+            messages: bytes::BytesMut::new(),
+            ok: true,
+            started: false,
+            done: false,
+            closed: false,
+        });
+    }
+
+    /// Queues the closing replay position after the read being filled.
+    fn close_fill(&mut self, w: Which) {
+        if self.fill.as_ref().is_some_and(|fill| !fill.closed) {
+            self.queue_replay_lsn(w, true);
+            if let Some(fill) = self.fill.as_mut() {
+                fill.closed = true;
+            }
+        }
+    }
+
+    /// Queues the replay-position query bracketing a cache fill on `w`.
+    fn queue_replay_lsn(&mut self, w: Which, after: bool) {
+        if let Some(c) = self.conn(w) {
+            c.queue(&wire::encode_query(cache::REPLAY_LSN_QUERY).raw);
+            self.pending.push_back(Pending::ReplayLsn { after });
+        }
+    }
+
+    /// Captures one result message of the read being filled.
+    fn capture(&mut self, f: &Frame) {
+        let max = self.shared.config().cache.max_entry_bytes;
+        let Some(fill) = self.fill.as_mut().filter(|fill| fill.started && !fill.done) else {
+            return;
+        };
+        match f.tag {
+            b'2' | b'T' | b'D' | b'C' => {
+                if fill.ok && fill.messages.len() + f.raw.len() <= max {
+                    fill.messages.extend_from_slice(&f.raw);
+                } else {
+                    if fill.ok {
+                        self.shared.metrics.cache_store("too_large");
+                    }
+                    fill.ok = false;
+                    fill.messages = bytes::BytesMut::new();
+                }
+            }
+            // Notices go to the client only; a ParseComplete is the proxy's own re-prepare.
+            b'N' | b'A' | b'S' | b'1' => {}
+            b'Z' => fill.done = true,
+            _ => fill.ok = false,
+        }
+    }
+
+    /// The fill's closing replay position arrived: store the entry in the background.
+    fn finish_fill(&mut self) {
+        let Some(fill) = self.fill.take() else { return };
+        let (Some(lower), Some(upper)) = (fill.lower, fill.upper) else {
+            return;
+        };
+        if !(fill.ok && fill.done) || fill.messages.is_empty() || upper < lower {
+            return;
+        }
+        let bracket = Bracket { lower, upper };
+        self.cache_floor.observe(&fill.plan.hash, bracket);
+        let Some(cache) = self.shared.cache.as_ref() else {
+            return;
+        };
+        let store = cache.store.clone();
+        let metrics = self.shared.metrics.clone();
+        let value = cache::entry::encode(bracket, &fill.messages);
+        let plan = fill.plan;
+        tokio::spawn(async move {
+            match store
+                .store(plan.epoch, &plan.hash, &plan.tables, value, plan.ttl)
+                .await
+            {
+                Ok(()) => metrics.cache_store("stored"),
+                Err(e) => {
+                    debug!(error = %e, "cache store failed");
+                    metrics.cache_store("error");
+                }
+            }
+        });
     }
 
     /// Whether the session learns its commit LSNs (`routing.read_your_writes`).
@@ -1362,6 +1731,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             return Ok(());
         }
+        if self.hold_extended(&f).await? {
+            return Ok(());
+        }
         if self.tx_lost {
             let tx = self
                 .batch_analysis(&f)
@@ -1429,7 +1801,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.set_cancel_target(target);
         match f.tag {
             b'P' => self.forward_parse(target, &f)?,
-            b'B' => self.forward_bind(target, &f)?,
+            b'B' => {
+                if let Some(plan) = self.fill_next.take() {
+                    if target == Which::Replica && self.fill.is_none() {
+                        self.start_fill(target, plan);
+                    }
+                }
+                self.forward_bind(target, &f)?
+            }
             b'D' => {
                 let (kind, name) =
                     wire::target_of(&f).map_err(|e| SessionError::Protocol(e.to_string()))?;
@@ -1475,6 +1854,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             b'S' => {
                 self.queue_to(target, &f);
                 self.pending.push_back(Pending::Sync);
+                if std::mem::take(&mut self.releasing) {
+                    self.close_fill(target);
+                }
                 if std::mem::take(&mut self.batch_commit)
                     && target == Which::Primary
                     && self.learns_commits()
@@ -1667,15 +2049,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(());
         }
         self.drain_synthetic();
-        if matches!(self.pending.front(), Some(Pending::Lsn)) {
+        if let Some(Pending::Lsn | Pending::ReplayLsn { .. }) = self.pending.front() {
             match f.tag {
                 b'D' => {
                     let lsn = crate::backend::decode_text_row(&f)
                         .ok()
                         .and_then(|r| r.into_iter().next().flatten())
                         .and_then(|t| t.parse::<Lsn>().ok());
-                    if let Some(lsn) = lsn {
-                        self.last_commit_lsn = self.last_commit_lsn.max(Some(lsn));
+                    match (self.pending.front(), lsn) {
+                        (Some(Pending::Lsn), Some(lsn)) => {
+                            self.last_commit_lsn = self.last_commit_lsn.max(Some(lsn));
+                        }
+                        (Some(Pending::ReplayLsn { after }), lsn) => {
+                            let after = *after;
+                            if let Some(fill) = self.fill.as_mut() {
+                                if after {
+                                    fill.upper = lsn;
+                                } else {
+                                    fill.lower = lsn;
+                                }
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 b'Z' => self.on_ready(w, f),
@@ -1697,6 +2092,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.pending.front(),
             Some(Pending::Query { swallow: true, .. })
         );
+        if !swallowing && self.fill.is_some() {
+            self.capture(&f);
+        }
         match f.tag {
             b'1' => {
                 if let Some(Pending::Parse { swallow, .. }) = self.pending.pop_front() {
@@ -1777,6 +2175,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 debug!(%code, %message, "commit LSN query failed");
                 return;
             }
+            Some(Pending::ReplayLsn { .. }) => {
+                debug!(%code, %message, "replay LSN query of a cache fill failed");
+                if let Some(fill) = self.fill.as_mut() {
+                    fill.ok = false;
+                }
+                return;
+            }
             Some(Pending::Query { failed, .. }) => {
                 *failed = true;
             }
@@ -1824,7 +2229,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             c.tx_status = status;
         }
         let item = self.pending.pop_front();
-        if matches!(item, Some(Pending::Lsn)) {
+        match item {
+            Some(Pending::ReplayLsn { after: true }) => self.finish_fill(),
+            Some(Pending::ReplayLsn { after: false }) => {
+                if let Some(fill) = self.fill.as_mut() {
+                    fill.started = true;
+                }
+            }
+            _ => {}
+        }
+        if matches!(item, Some(Pending::Lsn | Pending::ReplayLsn { .. })) {
             if self.pending.is_empty() {
                 self.active = None;
                 if status == b'I'

@@ -199,6 +199,13 @@ pub fn encode_parse(name: &str, query: &str, param_types: &[u8]) -> Frame {
 }
 
 /// Splits a `Bind` message into (portal, statement, rest of the body).
+/// The row limit of an Execute message (0: all rows); `None` if malformed.
+pub fn execute_max_rows(frame: &Frame) -> Option<i32> {
+    let mut body = frame.body();
+    read_cstr(&mut body)?;
+    Some(i32::from_be_bytes(body.get(..4)?.try_into().ok()?))
+}
+
 pub fn bind_names(frame: &Frame) -> Result<(&str, &str, &[u8]), WireError> {
     let mut body = frame.body();
     let portal = read_cstr(&mut body).ok_or(WireError::Malformed("Bind"))?;

@@ -46,6 +46,8 @@ pub struct ProxyConfig {
     pub backend_tls: BackendTlsConfig,
     /// Users allowed to connect (ignored for users when `auth = "trust"` unless listed).
     pub users: Vec<UserConfig>,
+    /// The regional result cache (opt-in).
+    pub cache: CacheConfig,
 }
 
 impl Default for ProxyConfig {
@@ -66,6 +68,7 @@ impl Default for ProxyConfig {
             tls: ClientTlsConfig::default(),
             backend_tls: BackendTlsConfig::default(),
             users: Vec::new(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -393,6 +396,7 @@ impl ProxyConfig {
             check_addr("admin_listen", &self.admin_listen)?;
         }
         self.etcd.validate()?;
+        self.cache.validate()?;
         if self.routing.ryw_wait > Duration::from_secs(10) {
             return Err(ConfigError::invalid(
                 "routing.ryw_wait",
@@ -559,6 +563,52 @@ mod tests {
     }
 
     #[test]
+    fn cache_section_parses_and_bad_rules_name_their_key() {
+        let parse = |extra: &str| {
+            toml::from_str::<ProxyConfig>(&format!(
+                "auth = \"trust\"\n[cache]\nenabled = true\nredis = \"redis://r:6379\"\n{extra}"
+            ))
+        };
+        let c = parse(
+            "timeout = \"5ms\"\n[[cache.rules]]\ntables = [\"items\", \"shop.*\"]\nttl = \"10s\"\n\
+             [[cache.rules]]\npattern = \"(?i)^select\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.cache.timeout, Duration::from_millis(5));
+        assert_eq!(c.cache.rules[0].ttl, Duration::from_secs(10));
+        assert_eq!(c.cache.rules[1].ttl, Duration::from_secs(30));
+        assert_eq!(c.cache.max_entry_bytes, 1 << 20);
+        for (extra, key) in [
+            (
+                "[[cache.rules]]\npattern = \"(\"\n",
+                "cache.rules[0].pattern",
+            ),
+            ("[[cache.rules]]\nttl = \"1s\"\n", "cache.rules[0]"),
+            (
+                "[[cache.rules]]\ntables = [\"t\"]\npattern = \"x\"\n",
+                "cache.rules[0]",
+            ),
+            (
+                "[[cache.rules]]\ntables = [\"t\"]\nttl = \"0s\"\n",
+                "cache.rules[0].ttl",
+            ),
+            ("timeout = \"0s\"\n", "cache.timeout"),
+        ] {
+            let err = parse(extra).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let mut bad_url = ProxyConfig {
+            auth: AuthMethod::Trust,
+            ..Default::default()
+        };
+        bad_url.cache.enabled = true;
+        bad_url.cache.redis = "localhost:6379".into();
+        let err = bad_url.validate().unwrap_err().to_string();
+        assert!(err.contains("cache.redis"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_rejected() {
         let err = toml::from_str::<ProxyConfig>("listen = \"127.0.0.1:1\"\nlisten_port = 3\n")
             .unwrap_err()
@@ -653,5 +703,121 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("backends.primary"), "{err}");
+    }
+}
+
+/// The regional result cache: results of eligible reads stored in the region's Redis
+/// (README "Regional cache"). A read is cached when a rule matches it or it carries a
+/// `/* meridian:cache ttl=... */` comment, and it is eligible: one statement, a read, outside a
+/// transaction, reading only ordinary tables, calling only immutable functions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Use the cache at all. Default false.
+    pub enabled: bool,
+    /// URL of the region's Redis. Default `redis://127.0.0.1:6379`.
+    pub redis: String,
+    /// The database whose reads are cached: the one the agents decode for invalidations
+    /// (their `--cache-database`). Reads of other databases are never cached. Default `postgres`.
+    pub database: String,
+    /// Longest a cache lookup or store may take; slower means uncached. Default `20ms`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Results larger than this (bytes of wire messages) are not cached. Default 1 MiB.
+    pub max_entry_bytes: usize,
+    /// What is cacheable, first match wins. Default none (only commented queries are cached).
+    pub rules: Vec<CacheRule>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            redis: "redis://127.0.0.1:6379".into(),
+            database: "postgres".into(),
+            timeout: Duration::from_millis(20),
+            max_entry_bytes: 1 << 20,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// One cache rule: every eligible read that only reads `tables`, or whose text matches
+/// `pattern`, is cached for `ttl`. A rule has `tables` or `pattern`, not both.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    /// Tables as `schema.table` (`public.` may be left out); `schema.*` matches a whole schema.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// A regular expression (Rust `regex` syntax) searched in the query text.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// How long an entry lives. Default `30s`.
+    #[serde(with = "humantime_serde", default = "default_cache_ttl")]
+    pub ttl: Duration,
+}
+
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl CacheConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if !(self.redis.starts_with("redis://") || self.redis.starts_with("unix://")) {
+            return Err(ConfigError::invalid(
+                "cache.redis",
+                format!("`{}` is not a redis:// or unix:// URL", self.redis),
+            ));
+        }
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(5) {
+            return Err(ConfigError::invalid(
+                "cache.timeout",
+                "must be greater than 0 and at most 5s",
+            ));
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            let key = format!("cache.rules[{i}]");
+            match (&rule.pattern, rule.tables.is_empty()) {
+                (Some(_), false) => {
+                    return Err(ConfigError::invalid(
+                        key.clone(),
+                        "has both `tables` and `pattern`",
+                    ))
+                }
+                (None, true) => {
+                    return Err(ConfigError::invalid(
+                        key.clone(),
+                        "needs `tables` or `pattern`",
+                    ))
+                }
+                (Some(p), true) => {
+                    if let Err(e) = regex::Regex::new(p) {
+                        return Err(ConfigError::invalid(
+                            format!("{key}.pattern"),
+                            format!("not a valid regular expression: {e}"),
+                        ));
+                    }
+                }
+                (None, false) => {
+                    if let Some(t) = rule.tables.iter().find(|t| t.trim().is_empty()) {
+                        return Err(ConfigError::invalid(
+                            format!("{key}.tables"),
+                            format!("empty table name {t:?}"),
+                        ));
+                    }
+                }
+            }
+            if rule.ttl.is_zero() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.ttl"),
+                    "must be greater than 0",
+                ));
+            }
+        }
+        Ok(())
     }
 }
