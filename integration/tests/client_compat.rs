@@ -662,9 +662,6 @@ async fn transaction_pooling_keeps_a_temp_table_on_its_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: a pinned backend gets DISCARD ALL queued at its next statement, \
-            which fails and makes the proxy forget its prepared statements (42P05); \
-            see docs/pgproxy.md, Client compatibility"]
 async fn transaction_pooling_keeps_a_session_advisory_lock() {
     let (_cluster, proxy, other) = transaction_pooling().await;
     let l = proxy.connect("postgres", "").await.unwrap();
@@ -797,9 +794,6 @@ async fn a_pinned_backend_is_cleaned_before_the_next_client_gets_it() {
 /// The reproduction of the pinning bug in the smallest form: a statement
 /// prepared before the session is pinned, executed after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: a pinned backend gets DISCARD ALL queued at its next statement, \
-            which fails and makes the proxy forget its prepared statements (42P05); \
-            see docs/pgproxy.md, Client compatibility"]
 async fn prepared_statements_survive_pinning() {
     let cluster = PgCluster::builder().replicas(1).start().await.unwrap();
     for mode in [PoolMode::Session, PoolMode::Transaction] {

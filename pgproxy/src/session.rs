@@ -152,13 +152,6 @@ impl Params {
     /// SQL that brings a backend from `conn_hash` to these parameters, if anything is needed.
     fn prelude(&self, conn: &mut BackendConn) -> Option<String> {
         let mut sql = String::new();
-        if conn.reset == Reset::Discard {
-            sql.push_str("DISCARD ALL;");
-            conn.prepared.clear();
-            conn.unnamed = None;
-            conn.params_hash = 0;
-            conn.reset = Reset::None;
-        }
         if conn.params_hash != self.hash {
             if conn.params_hash != 0 {
                 sql.push_str("RESET ALL;");
@@ -2012,10 +2005,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if self.pinned.is_none() {
                     debug!(reason = ?pin, "session pinned to its primary backend");
                 }
+                // The backend is cleaned (DISCARD ALL) when it goes back to the pool at the end
+                // of the session (`release_all`), not before: the pinned state is the point.
                 self.pinned = Some(pin);
-                if let Some(c) = self.conn(w) {
-                    c.reset = Reset::Discard;
-                }
             }
             if eff.reset_all || !eff.set.is_empty() || !eff.reset.is_empty() {
                 let hash = self.params.hash;
