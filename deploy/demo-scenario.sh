@@ -223,6 +223,34 @@ wait_until 30 "the row is read back through pgproxy-eu-west, served by the eu-we
   || fail "read-back not served locally; last answer: ${READBACK:-<nothing>}"
 say "  | $(tr '\t' ' ' <<<"$READBACK")"
 
+# ---------------------------------------------------------------- 2b. regional cache
+step "regional cache: a cached read in eu-west, invalidated by a write through us-west"
+proxy_metric() {  # region, series → value (0 when absent)
+  local c v; c="$(cid "pgproxy-$1")" || return 1
+  v="$(docker exec "$c" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9187; printf "GET /metrics HTTP/1.0\r\n\r\n" >&3; cat <&3' 2>/dev/null \
+    | awk -v s="$2" 'index($0, s) == 1 || index($0, "_" s) { print $NF; exit }')"
+  echo "${v:-0}"
+}
+HITS='cache_lookups_total{outcome="hit"}'
+CACHED_Q="/* meridian:cache ttl=60s */ SELECT v FROM demo_cache WHERE k = 1"
+upsert() { lg_query us-west "CREATE TABLE IF NOT EXISTS demo_cache (k int PRIMARY KEY, v text NOT NULL); INSERT INTO demo_cache VALUES (1, '$1') ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v" >/dev/null; }
+upsert "$TOKEN-v1" || fail "upsert through pgproxy-us-west failed"
+HITS_BEFORE="$(proxy_metric eu-west "$HITS")"
+cached_is() {
+  [ "$(lg_query eu-west "$CACHED_Q" 2>/dev/null)" = "$1" ] \
+    && awk -v a="$(proxy_metric eu-west "$HITS")" -v b="$2" 'BEGIN { exit !(a > b) }'
+}
+expect "eu-west reads '$TOKEN-v1' and its proxy counts cache hits (the entry lives in redis-eu-west)"
+wait_until 30 "a cache hit on '$TOKEN-v1' in eu-west" cached_is "$TOKEN-v1" "$HITS_BEFORE" \
+  || fail "no cache hit in eu-west (hits $(proxy_metric eu-west "$HITS"), was $HITS_BEFORE)"
+ok "cache hits in eu-west: $(proxy_metric eu-west "$HITS")"
+upsert "$TOKEN-v2" || fail "second upsert failed"
+new_value_in_eu() { [ "$(lg_query eu-west "$CACHED_Q" 2>/dev/null)" = "$TOKEN-v2" ]; }
+expect "the update's invalidation reaches eu-west's Redis: the cached query returns '$TOKEN-v2'"
+wait_until 15 "eu-west reads '$TOKEN-v2'" new_value_in_eu \
+  || fail "eu-west still reads $(lg_query eu-west "$CACHED_Q" 2>/dev/null)"
+ok "invalidated; eu-west stale lookups so far: $(proxy_metric eu-west 'cache_lookups_total{outcome="stale"}')"
+
 # ---------------------------------------------------------------- 3. kill the primary
 step "docker kill the primary's node container ($PRIMARY)"
 OLD="$PRIMARY"
