@@ -19,7 +19,6 @@ use meridian_shared::keys::Keys;
 use meridian_shared::records::{
     self, LeaderRecord, LeaderState, MemberRecord, MemberTags, NodeRef, ProxyRecord, Role,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_postgres::NoTls;
@@ -223,15 +222,9 @@ async fn reads_reach_the_replica(c: &tokio_postgres::Client, replica: &PgNode) {
 }
 
 async fn http_get(port: u16, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    meridian_integration::probe::http_get(&format!("127.0.0.1:{port}"), path)
         .await
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+        .unwrap()
 }
 
 /// The value of an unlabelled metric in the exposition text.

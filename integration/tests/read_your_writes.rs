@@ -6,7 +6,8 @@
 //! replay resumes; (b) the causal token (`SHOW meridian.last_commit_lsn` →
 //! `SET meridian.min_lsn`) carried to eu-west's proxy gives the same guarantee
 //! there; (c) `SET meridian.max_staleness` keeps reads off a replica that
-//! lags more than the bound.
+//! lags more than the bound. The regions are apart by the demo's one-way WAN
+//! delays (35, 40 and 70 ms).
 //!
 //! The programs must be built first (`cargo build --workspace --bins`).
 
@@ -14,20 +15,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use meridian_integration::eventually;
-use meridian_launcher::{connect, ClusterSpec, LocalCluster};
+use meridian_launcher::{connect, ClusterSpec, LocalCluster, WanDelays};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-const REGIONS: [&str; 3] = ["us-east", "us-west", "eu-west"];
+use meridian_integration::probe::{http_get, metric as counter, simple_value as value};
 
-/// The first row's first column of a simple query.
-async fn value(c: &Client, sql: &str) -> anyhow::Result<Option<String>> {
-    for m in c.simple_query(sql).await.with_context(|| sql.to_owned())? {
-        if let SimpleQueryMessage::Row(r) = m {
-            return Ok(r.get(0).map(str::to_owned));
-        }
-    }
-    Ok(None)
-}
+const REGIONS: [&str; 3] = ["us-east", "us-west", "eu-west"];
 
 /// The port of the server that answered a read through `c`.
 async fn read_port(c: &Client) -> anyhow::Result<u16> {
@@ -37,22 +30,7 @@ async fn read_port(c: &Client) -> anyhow::Result<u16> {
 
 /// `/metrics` of a proxy's admin server.
 async fn metrics(admin: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(admin).await?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
-}
-
-fn counter(metrics: &str, name_and_labels: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    http_get(admin, "/metrics").await
 }
 
 async fn scenario(cluster: &LocalCluster) -> anyhow::Result<()> {
@@ -272,7 +250,13 @@ async fn read_your_writes_across_regions() {
         .prefix("meridian-ryw-")
         .tempdir()
         .unwrap();
-    let spec = ClusterSpec::new(dir.path(), &REGIONS);
+    let mut spec = ClusterSpec::new(dir.path(), &REGIONS);
+    // The demo's WAN: a write from us-west or eu-west crosses 35 / 40 ms each way to the
+    // primary in us-east, and replication pays the same delay back.
+    spec.wan_delays = WanDelays::none()
+        .with("us-east", "us-west", Duration::from_millis(35))
+        .with("us-east", "eu-west", Duration::from_millis(40))
+        .with("us-west", "eu-west", Duration::from_millis(70));
     let mut cluster = match LocalCluster::start(spec).await {
         Ok(c) => c,
         Err(e) => panic!("the local cluster did not start: {e:?}"),
