@@ -18,6 +18,7 @@ as_root() {
 packages=(
     postgresql-15 postgresql-client-15 pgbouncer etcd-server redis-server haproxy
     protobuf-compiler libprotobuf-dev
+    debootstrap   # deploy/bootstrap-base-image.sh builds the containers' base image offline
 )
 
 installed() {
