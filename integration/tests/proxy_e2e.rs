@@ -456,3 +456,62 @@ async fn tls_is_offered_and_can_be_required() {
         "{out:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meridian_settings_work_through_the_extended_protocol() {
+    let cluster = PgCluster::builder().replicas(1).start().await.unwrap();
+    let proxy = Proxy::start(trust_config(&cluster)).await;
+    let c = proxy.connect("postgres", "").await.unwrap();
+    c.batch_execute("CREATE TABLE ext (id int)").await.unwrap();
+    c.execute("INSERT INTO ext VALUES (1)", &[]).await.unwrap();
+
+    // tokio-postgres prepares every statement: Parse/Describe/Sync, Bind/Execute/Sync.
+    let token: String = c
+        .query_one("SHOW meridian.last_commit_lsn", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let lsn: meridian_shared::lsn::Lsn = token.parse().unwrap();
+    assert!(lsn > meridian_shared::lsn::Lsn::ZERO, "{token}");
+
+    let reader = proxy.connect("postgres", "").await.unwrap();
+    reader
+        .execute(&format!("SET meridian.min_lsn = '{token}'"), &[])
+        .await
+        .unwrap();
+    let shown = reader.prepare("SHOW meridian.min_lsn").await.unwrap();
+    for _ in 0..2 {
+        let v: String = reader.query_one(&shown, &[]).await.unwrap().get(0);
+        assert_eq!(v, token);
+    }
+    // The token makes the read wait for the commit: the row is there.
+    let n: i64 = reader
+        .query_one("SELECT count(*) FROM ext", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+
+    // A bad value is an error with its SQLSTATE; the session goes on.
+    let err = reader
+        .execute("SET meridian.max_staleness = 'soon'", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE)
+    );
+    reader
+        .execute("SET meridian.max_staleness = '2s'", &[])
+        .await
+        .unwrap();
+    let v: String = reader
+        .query_one("SHOW meridian.max_staleness", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "2s");
+    // An ordinary statement reusing the name space still reaches the database.
+    let one: i32 = reader.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}

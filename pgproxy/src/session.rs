@@ -28,7 +28,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use crate::backend::{BackendConn, BackendError, ConnectParams, Reset};
-use crate::cache::rules::{self as cache_rules, Bracket, SessionFloor};
+use crate::cache::fill::{Fill, Spoiled};
+use crate::cache::rules::{self as cache_rules, SessionFloor};
 use crate::cache::{self, store::Found, Plan};
 use crate::cancel::{BackendKey, CancelSlot};
 use crate::client::{ClientConn, ClientError};
@@ -243,6 +244,10 @@ pub struct Session<S> {
     releasing: bool,
     /// The released execution's Bind starts a fill with this plan.
     fill_next: Option<Plan>,
+    /// Statements of the extended protocol that are the proxy's own commands (`meridian.*`).
+    local_stmts: HashMap<String, Command>,
+    /// Portals bound to those statements.
+    local_portals: HashMap<String, Command>,
 }
 
 /// An extended-protocol execution held back until its Sync, to be answered from the cache.
@@ -257,28 +262,19 @@ struct Hold {
     executed: bool,
 }
 
-/// A cache fill in progress: the result messages of one read and the replay positions around it.
-#[derive(Debug)]
-struct Fill {
-    plan: Plan,
-    lower: Option<Lsn>,
-    upper: Option<Lsn>,
-    messages: bytes::BytesMut,
-    /// Still storable: no error, no COPY, within `cache.max_entry_bytes`.
-    ok: bool,
-    /// The opening replay position was answered: the next query answer is the read's.
-    started: bool,
-    /// The read's ReadyForQuery was seen.
-    done: bool,
-    /// The closing replay position is queued.
-    closed: bool,
-}
-
 fn stmt_hash(query: &str, types: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     query.hash(&mut h);
     types.hash(&mut h);
     h.finish()
+}
+
+/// The RowDescription of a proxy command's result (`SHOW` has one text column).
+fn command_row_description(cmd: &Command) -> Option<Frame> {
+    match cmd {
+        Command::Show(s) => Some(wire::row_description_text(s.name())),
+        _ => None,
+    }
 }
 
 fn quote_literal(v: &str) -> String {
@@ -329,6 +325,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             backlog: VecDeque::new(),
             releasing: false,
             fill_next: None,
+            local_stmts: HashMap::new(),
+            local_portals: HashMap::new(),
         }
     }
 
@@ -1288,16 +1286,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Starts a fill: the opening replay position is queued before the read.
     fn start_fill(&mut self, w: Which, plan: Plan) {
         self.queue_replay_lsn(w, false);
-        self.fill = Some(Fill {
-            plan,
-            lower: None,
-            upper: None,
-            messages: bytes::BytesMut::new(),
-            ok: true,
-            started: false,
-            done: false,
-            closed: false,
-        });
+        self.fill = Some(Fill::new(plan));
     }
 
     /// Queues the closing replay position after the read being filled.
@@ -1321,46 +1310,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Captures one result message of the read being filled.
     fn capture(&mut self, f: &Frame) {
         let max = self.shared.config().cache.max_entry_bytes;
-        let Some(fill) = self.fill.as_mut().filter(|fill| fill.started && !fill.done) else {
+        let Some(fill) = self.fill.as_mut() else {
             return;
         };
-        match f.tag {
-            b'2' | b'T' | b'D' | b'C' => {
-                if fill.ok && fill.messages.len() + f.raw.len() <= max {
-                    fill.messages.extend_from_slice(&f.raw);
-                } else {
-                    if fill.ok {
-                        self.shared.metrics.cache_store("too_large");
-                    }
-                    fill.ok = false;
-                    fill.messages = bytes::BytesMut::new();
-                }
-            }
-            // Notices go to the client only; a ParseComplete is the proxy's own re-prepare.
-            b'N' | b'A' | b'S' | b'1' => {}
-            b'Z' => fill.done = true,
-            _ => fill.ok = false,
+        if fill.capture(f.tag, &f.raw, max) == Some(Spoiled::TooLarge) {
+            self.shared.metrics.cache_store("too_large");
         }
     }
 
     /// The fill's closing replay position arrived: store the entry in the background.
     fn finish_fill(&mut self) {
-        let Some(fill) = self.fill.take() else { return };
-        let (Some(lower), Some(upper)) = (fill.lower, fill.upper) else {
+        let Some((plan, bracket, messages)) = self.fill.take().and_then(Fill::finish) else {
             return;
         };
-        if !(fill.ok && fill.done) || fill.messages.is_empty() || upper < lower {
-            return;
-        }
-        let bracket = Bracket { lower, upper };
-        self.cache_floor.observe(&fill.plan.hash, bracket);
+        self.cache_floor.observe(&plan.hash, bracket);
         let Some(cache) = self.shared.cache.as_ref() else {
             return;
         };
         let store = cache.store.clone();
         let metrics = self.shared.metrics.clone();
-        let value = cache::entry::encode(bracket, &fill.messages);
-        let plan = fill.plan;
+        let value = cache::entry::encode(bracket, &messages);
         tokio::spawn(async move {
             match store
                 .store(plan.epoch, &plan.hash, &plan.tables, value, plan.ttl)
@@ -1530,12 +1499,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Answers `SET`/`RESET`/`SHOW` of the proxy's own session settings.
     async fn answer_command(&mut self, cmd: Command) -> Result<(), SessionError> {
+        if let Some(rd) = command_row_description(&cmd) {
+            self.client.send(&rd);
+        }
+        for f in self.execute_command(cmd) {
+            if f.tag == b'E' {
+                self.shared.metrics.error(&wire::error_fields(&f).1);
+            }
+            self.client.send(&f);
+        }
+        self.client.send(&wire::ready_for_query(self.tx_status));
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// Runs one of the proxy's own commands: its DataRow and CommandComplete, or an
+    /// ErrorResponse.
+    fn execute_command(&mut self, cmd: Command) -> Vec<Frame> {
         let read_only = |s: Setting| {
             format!(
                 "parameter \"{}\" cannot be changed: it is set by the proxy",
                 s.name()
             )
         };
+        let error = |code: &str, message: &str| wire::error_response("ERROR", code, message);
         match cmd {
             Command::Show(s) => {
                 let value = match s {
@@ -1543,39 +1530,133 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Setting::MinLsn => self.min_lsn.unwrap_or(Lsn::ZERO).to_string(),
                     Setting::MaxStaleness => ryw::format_staleness(self.max_staleness),
                 };
-                self.client.send(&wire::row_description_text(s.name()));
-                self.client.send(&wire::data_row_text(&value));
-                self.client.send(&wire::command_complete("SHOW"));
+                vec![wire::data_row_text(&value), wire::command_complete("SHOW")]
             }
             Command::Set(Setting::MinLsn, v) => match ryw::parse_min_lsn(&v) {
                 Ok(lsn) => {
                     self.min_lsn = lsn;
-                    self.client.send(&wire::command_complete("SET"));
+                    vec![wire::command_complete("SET")]
                 }
-                Err(e) => self.send_error("22023", &e.to_string()),
+                Err(e) => vec![error("22023", &e.to_string())],
             },
             Command::Set(Setting::MaxStaleness, v) => match ryw::parse_staleness(&v) {
                 Ok(d) => {
                     self.max_staleness = Some(d);
-                    self.client.send(&wire::command_complete("SET"));
+                    vec![wire::command_complete("SET")]
                 }
-                Err(e) => self.send_error("22023", &e.to_string()),
+                Err(e) => vec![error("22023", &e.to_string())],
             },
             Command::Set(Setting::LastCommitLsn, _) | Command::Reset(Setting::LastCommitLsn) => {
-                self.send_error("55P02", &read_only(Setting::LastCommitLsn))
+                vec![error("55P02", &read_only(Setting::LastCommitLsn))]
             }
             Command::Reset(Setting::MinLsn) => {
                 self.min_lsn = None;
-                self.client.send(&wire::command_complete("RESET"));
+                vec![wire::command_complete("RESET")]
             }
             Command::Reset(Setting::MaxStaleness) => {
                 self.max_staleness = None;
-                self.client.send(&wire::command_complete("RESET"));
+                vec![wire::command_complete("RESET")]
             }
         }
-        self.client.send(&wire::ready_for_query(self.tx_status));
-        self.client.flush().await?;
-        Ok(())
+    }
+
+    /// Sends `f` now, or after the answers still expected from a backend.
+    fn answer_in_order(&mut self, f: Frame) {
+        if self.pending.is_empty() {
+            self.client.send(&f);
+        } else {
+            self.pending.push_back(Pending::Synthetic(f));
+        }
+    }
+
+    /// The proxy's own `SET`/`RESET`/`SHOW meridian.*` through the extended protocol: a
+    /// statement parsed from such a text, its portals, their Describe, Execute and Close are
+    /// answered here and never reach a backend. Returns true when `f` was answered.
+    fn local_extended(&mut self, f: &Frame) -> Result<bool, SessionError> {
+        let protocol = |e: wire::WireError| SessionError::Protocol(e.to_string());
+        match f.tag {
+            b'P' => {
+                let m = wire::parse_msg(f).map_err(protocol)?;
+                let Some(cmd) = ryw::parse_command(m.query) else {
+                    // A statement of the same name now means something else.
+                    if !self.local_stmts.is_empty() {
+                        self.local_stmts.remove(m.name);
+                    }
+                    return Ok(false);
+                };
+                if m.name.is_empty() {
+                    self.unnamed = None;
+                } else {
+                    self.statements.remove(m.name);
+                }
+                self.local_stmts.insert(m.name.to_owned(), cmd);
+                self.answer_in_order(Frame::new(b'1', &[]));
+            }
+            b'B' => {
+                if self.local_stmts.is_empty() && self.local_portals.is_empty() {
+                    return Ok(false);
+                }
+                let (portal, stmt, _) = wire::bind_names(f).map_err(protocol)?;
+                let Some(cmd) = self.local_stmts.get(stmt).cloned() else {
+                    self.local_portals.remove(portal);
+                    return Ok(false);
+                };
+                self.local_portals.insert(portal.to_owned(), cmd);
+                self.answer_in_order(Frame::new(b'2', &[]));
+            }
+            b'D' | b'E' | b'C' => {
+                if self.local_stmts.is_empty() && self.local_portals.is_empty() {
+                    return Ok(false);
+                }
+                let (kind, name) = if f.tag == b'E' {
+                    let mut body = f.body();
+                    let portal = wire::read_cstr(&mut body)
+                        .ok_or_else(|| SessionError::Protocol("malformed Execute".into()))?;
+                    (b'P', portal)
+                } else {
+                    wire::target_of(f).map_err(protocol)?
+                };
+                let cmd = if kind == b'S' {
+                    self.local_stmts.get(name)
+                } else {
+                    self.local_portals.get(name)
+                };
+                let Some(cmd) = cmd.cloned() else {
+                    return Ok(false);
+                };
+                match f.tag {
+                    b'D' => {
+                        if kind == b'S' {
+                            // ParameterDescription: no parameters.
+                            self.answer_in_order(Frame::new(b't', &[0, 0]));
+                        }
+                        let rd =
+                            command_row_description(&cmd).unwrap_or_else(|| Frame::new(b'n', &[]));
+                        self.answer_in_order(rd);
+                    }
+                    b'E' => {
+                        for out in self.execute_command(cmd) {
+                            if out.tag == b'E' {
+                                self.shared.metrics.error(&wire::error_fields(&out).1);
+                                self.skip_until_sync = true;
+                            }
+                            self.answer_in_order(out);
+                        }
+                    }
+                    _ => {
+                        let name = name.to_owned();
+                        if kind == b'S' {
+                            self.local_stmts.remove(&name);
+                        } else {
+                            self.local_portals.remove(&name);
+                        }
+                        self.answer_in_order(Frame::new(b'3', &[]));
+                    }
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 
     /// Where a statement goes, taking a deferred BEGIN into account.
@@ -1719,9 +1800,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.skip_until_sync {
             if f.tag == b'S' {
                 self.skip_until_sync = false;
-                self.client.send(&wire::ready_for_query(self.tx_status));
-                self.client.flush().await?;
+                self.answer_in_order(wire::ready_for_query(self.tx_status));
+                if self.pending.is_empty() {
+                    self.client.flush().await?;
+                }
             }
+            return Ok(());
+        }
+        if self.local_extended(&f)? {
             return Ok(());
         }
         if self.hold_extended(&f).await? {
@@ -2055,11 +2141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         (Some(Pending::ReplayLsn { after }), lsn) => {
                             let after = *after;
                             if let Some(fill) = self.fill.as_mut() {
-                                if after {
-                                    fill.upper = lsn;
-                                } else {
-                                    fill.lower = lsn;
-                                }
+                                fill.position(after, lsn);
                             }
                         }
                         _ => {}
@@ -2170,7 +2252,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(Pending::ReplayLsn { .. }) => {
                 debug!(%code, %message, "replay LSN query of a cache fill failed");
                 if let Some(fill) = self.fill.as_mut() {
-                    fill.ok = false;
+                    fill.spoil();
                 }
                 return;
             }
@@ -2225,7 +2307,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(Pending::ReplayLsn { after: true }) => self.finish_fill(),
             Some(Pending::ReplayLsn { after: false }) => {
                 if let Some(fill) = self.fill.as_mut() {
-                    fill.started = true;
+                    fill.opened();
                 }
             }
             _ => {}

@@ -11,6 +11,7 @@
 //! (see `docs/control-path.md`, invalidation fan-out), which makes older entries unservable.
 
 pub mod entry;
+pub mod fill;
 pub mod relations;
 pub mod rules;
 pub mod store;
