@@ -1,8 +1,10 @@
 //! From raw inputs (etcd records, the agents' heartbeats) to what the decision
 //! modules and the admin surface consume, pure (time passed in): the planner's
-//! [`NodeObservation`]s, the bootstrap decision, the synchronous-standby step with
-//! an unknown applied set, the switchover catch-up test, and the
-//! [`ClusterStatus`] snapshot with each node's state and lag.
+//! [`NodeObservation`]s, the bootstrap decision, the next change of the
+//! synchronous standby set ([`sync_change`], also when the set applied on the
+//! primary is unknown), the switchover catch-up test and final position, which
+//! departed nodes to forget, and the [`ClusterStatus`] snapshot with each node's
+//! state and lag.
 //!
 //! Replicas may name their upstream by node name or by `host:port`; everything
 //! here resolves it to a node name through the members' `pg_addr`, so the
@@ -21,7 +23,9 @@ use meridian_shared::records::{
 use crate::control::{ClusterStatus, NodeStatus, ProxyStatus};
 use crate::detector::NodeReport;
 use crate::planner::NodeObservation;
-use crate::sync::{next_sync_step, synchronous_standby_names, SyncStep};
+use crate::sync::{
+    desired_standbys, healthy_standbys, next_sync_step, synchronous_standby_names, SyncStep,
+};
 
 /// The node a heartbeat's WAL receiver streams from, by name, when streaming.
 pub fn upstream_node(hb: &Heartbeat, members: &BTreeMap<String, MemberRecord>) -> Option<String> {
@@ -148,6 +152,130 @@ pub fn caught_up_after_fence(candidate: &NodeReport, fence_acked_at: Instant) ->
             (Some(replay), Some(receive)) => replay >= receive,
             _ => true,
         }
+}
+
+/// The position a switchover's candidate must reach before its promotion
+/// (`Observations::old_final_lsn`), once the old primary's fence was acknowledged
+/// at `fence_acked_at`: when the candidate shows it caught up
+/// ([`caught_up_after_fence`]), the old primary's last reported position
+/// (`old_primary_lsn`), else the candidate's own; when it does not show it within
+/// `fallback_after`, the old primary's last reported position (or zero, when it
+/// never reported one) so the switchover cannot hang. `None`: keep waiting.
+pub fn switchover_final_lsn(
+    fence_acked_at: Instant,
+    old_primary_lsn: Option<Lsn>,
+    candidate: Option<&NodeReport>,
+    now: Instant,
+    fallback_after: Duration,
+) -> Option<Lsn> {
+    if candidate.is_some_and(|c| caught_up_after_fence(c, fence_acked_at)) {
+        old_primary_lsn.or(candidate.and_then(|c| c.heartbeat.position()))
+    } else if now.saturating_duration_since(fence_acked_at) >= fallback_after {
+        Some(old_primary_lsn.unwrap_or(Lsn::ZERO))
+    } else {
+        None
+    }
+}
+
+/// Nodes to forget: heartbeating once, but no member key and silent for
+/// `forget_after` (they left the cluster).
+pub fn forgotten_nodes(
+    members: &BTreeMap<String, MemberRecord>,
+    reports: &BTreeMap<String, NodeReport>,
+    now: Instant,
+    forget_after: Duration,
+) -> Vec<String> {
+    reports
+        .iter()
+        .filter(|(name, r)| {
+            !members.contains_key(*name)
+                && now.saturating_duration_since(r.received_at) >= forget_after
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// Everything [`sync_change`] reads.
+pub struct SyncInput<'a> {
+    /// The serving leader.
+    pub leader: &'a LeaderRecord,
+    pub members: &'a BTreeMap<String, MemberRecord>,
+    pub reports: &'a BTreeMap<String, NodeReport>,
+    pub config: &'a ClusterConfig,
+    /// The `sync` key.
+    pub record: Option<&'a SyncRecord>,
+    /// The set the leader acknowledged in its current epoch, and the leader's
+    /// position when it did; `None` when unknown (new leader or new coordinator).
+    pub applied: Option<(&'a BTreeSet<String>, Lsn)>,
+    pub now: Instant,
+}
+
+/// One change of the synchronous standby set to carry out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncChange {
+    /// Write this set to the `sync` key (for the leader and its epoch).
+    Record(BTreeSet<String>),
+    /// Send `SetSyncStandbys { value }` to the leader.
+    Apply {
+        standbys: BTreeSet<String>,
+        value: String,
+    },
+}
+
+/// The next change of the synchronous standby set ([`crate::sync`]), if any.
+/// Nothing while the leader does not heartbeat as a primary with Postgres up, or
+/// when asynchronous with nothing ever made synchronous. When the set is in sync
+/// but the `sync` key was written for another leader or epoch (and the mode is
+/// not `off`), it is rewritten for this one.
+pub fn sync_change(input: &SyncInput<'_>) -> Option<SyncChange> {
+    let SyncInput {
+        leader,
+        members,
+        reports,
+        config,
+        record,
+        applied,
+        now,
+    } = *input;
+    let primary_ok = reports.get(&leader.node).is_some_and(|r| {
+        r.is_fresh(now, config.suspect_after)
+            && r.heartbeat.pg_up
+            && r.heartbeat.role == Role::Primary
+    });
+    if !primary_ok {
+        return None;
+    }
+    let recorded = recorded_standbys(record, &leader.node);
+    if config.sync_mode == SyncMode::Off && recorded.is_empty() && applied.is_none() {
+        return None; // asynchronous and nothing ever made synchronous
+    }
+    let healthy = healthy_standbys(&leader.node, &leader.pg_addr, members, reports, config, now);
+    let current = applied.map(|(set, _)| set.clone()).unwrap_or_default();
+    let fallback: BTreeSet<String> = members
+        .iter()
+        .filter(|(name, m)| name.as_str() != leader.node && !m.tags.nosync)
+        .map(|(name, _)| name.clone())
+        .collect();
+    let desired = desired_standbys(config.sync_mode, &healthy, &current, &fallback);
+    let caught_up = desired.is_empty()
+        || applied.is_some_and(|(_, at_lsn)| {
+            desired.iter().any(|n| {
+                reports
+                    .get(n)
+                    .and_then(|r| r.heartbeat.flush_lsn.or(r.heartbeat.receive_lsn))
+                    .is_some_and(|pos| pos >= at_lsn)
+            })
+        });
+    let record_is_current =
+        record.is_some_and(|s| s.leader == leader.node && s.epoch == leader.epoch);
+    match sync_step(&recorded, applied.map(|(set, _)| set), &desired, caught_up) {
+        SyncStep::Record(set) => Some(SyncChange::Record(set)),
+        SyncStep::Apply { standbys, value } => Some(SyncChange::Apply { standbys, value }),
+        SyncStep::InSync if !record_is_current && config.sync_mode != SyncMode::Off => {
+            Some(SyncChange::Record(desired))
+        }
+        SyncStep::InSync | SyncStep::WaitCatchUp => None,
+    }
 }
 
 /// Everything [`build_status`] reads.
@@ -464,6 +592,193 @@ mod tests {
         assert!(caught_up_after_fence(&at(r.clone(), t0 + 10 * MS), t0));
         r.replay_lsn = Some(Lsn(50));
         assert!(!caught_up_after_fence(&at(r, t0 + 10 * MS), t0));
+    }
+
+    #[test]
+    fn switchover_final_position_waits_for_catch_up_then_falls_back() {
+        let t0 = Instant::now();
+        let fallback = 5000 * MS;
+        let mut r = hb("c", Role::Replica, 100);
+        r.receiver_streaming = true;
+        let streaming = at(r.clone(), t0 + 10 * MS);
+        r.receiver_streaming = false;
+        let caught_up = at(r, t0 + 10 * MS);
+        let now = t0 + 20 * MS;
+        // Still streaming: wait.
+        assert_eq!(
+            switchover_final_lsn(t0, Some(Lsn(90)), Some(&streaming), now, fallback),
+            None
+        );
+        // Caught up: the old primary's last position, else the candidate's.
+        assert_eq!(
+            switchover_final_lsn(t0, Some(Lsn(90)), Some(&caught_up), now, fallback),
+            Some(Lsn(90))
+        );
+        assert_eq!(
+            switchover_final_lsn(t0, None, Some(&caught_up), now, fallback),
+            Some(Lsn(100))
+        );
+        // Not shown within the fallback time: the old primary's position, or zero.
+        let late = t0 + fallback;
+        assert_eq!(
+            switchover_final_lsn(t0, Some(Lsn(90)), Some(&streaming), late, fallback),
+            Some(Lsn(90))
+        );
+        assert_eq!(
+            switchover_final_lsn(t0, None, None, late, fallback),
+            Some(Lsn::ZERO)
+        );
+        assert_eq!(switchover_final_lsn(t0, None, None, now, fallback), None);
+    }
+
+    #[test]
+    fn only_departed_and_long_silent_nodes_are_forgotten() {
+        let (members, mut reports, now) = world();
+        let forget_after = Duration::from_secs(60);
+        reports.insert(
+            "gone".to_string(),
+            at(hb("gone", Role::Replica, 1), now - forget_after),
+        );
+        reports.insert(
+            "recent".to_string(),
+            at(
+                hb("recent", Role::Replica, 1),
+                now - Duration::from_secs(59),
+            ),
+        );
+        // A member silent for long stays (its lease keeps it registered).
+        reports.get_mut("r2").unwrap().received_at = now - Duration::from_secs(600);
+        assert_eq!(
+            forgotten_nodes(&members, &reports, now, forget_after),
+            vec!["gone".to_string()]
+        );
+    }
+
+    fn leader_p(epoch: u64) -> LeaderRecord {
+        LeaderRecord {
+            node: "p".into(),
+            region: "r".into(),
+            pg_addr: "10.0.0.1:5432".into(),
+            epoch: Epoch(epoch),
+            timeline: 1,
+            state: LeaderState::Serving,
+            since: 0,
+            candidate: None,
+        }
+    }
+
+    fn sync_record(leader: &str, epoch: u64, standbys: &[&str]) -> SyncRecord {
+        SyncRecord {
+            leader: leader.into(),
+            epoch: Epoch(epoch),
+            standbys: set(standbys),
+        }
+    }
+
+    #[test]
+    fn sync_change_records_before_applying_and_rewrites_a_stale_record() {
+        let (members, reports, now) = world();
+        let leader = leader_p(2);
+        let on = ClusterConfig {
+            sync_mode: SyncMode::On,
+            ..ClusterConfig::default()
+        };
+        let off = ClusterConfig::default();
+        let input = |config, record, applied| SyncInput {
+            leader: &leader,
+            members: &members,
+            reports: &reports,
+            config,
+            record,
+            applied,
+            now,
+        };
+        // Asynchronous, nothing ever synchronous: nothing.
+        assert_eq!(sync_change(&input(&off, None, None)), None);
+        // On: the healthy standby r1 (streaming by address) is recorded first...
+        assert_eq!(
+            sync_change(&input(&on, None, None)),
+            Some(SyncChange::Record(set(&["r1"])))
+        );
+        // ... then applied.
+        let current = sync_record("p", 2, &["r1"]);
+        assert_eq!(
+            sync_change(&input(&on, Some(&current), None)),
+            Some(SyncChange::Apply {
+                standbys: set(&["r1"]),
+                value: "ANY 1 (\"r1\")".into()
+            })
+        );
+        let applied = set(&["r1"]);
+        assert_eq!(
+            sync_change(&input(&on, Some(&current), Some((&applied, Lsn(0))))),
+            None
+        );
+        // In sync, but the record is the previous leader's: rewritten for this one.
+        let stale = sync_record("old", 1, &["r1"]);
+        assert_eq!(
+            sync_change(&input(&on, Some(&stale), Some((&applied, Lsn(0))))),
+            Some(SyncChange::Record(set(&["r1"])))
+        );
+        // Off again: the applied set is emptied.
+        assert_eq!(
+            sync_change(&input(&off, Some(&current), Some((&applied, Lsn(0))))),
+            Some(SyncChange::Apply {
+                standbys: set(&[]),
+                value: String::new()
+            })
+        );
+    }
+
+    #[test]
+    fn sync_change_keeps_a_removed_standby_recorded_until_one_remaining_caught_up() {
+        let (mut members, mut reports, now) = world();
+        members.insert("r3".to_string(), member("10.0.0.4:5432", Role::Replica));
+        let mut r3 = hb("r3", Role::Replica, 4000);
+        r3.receiver_streaming = true;
+        r3.upstream = Some("p".into());
+        reports.insert("r3".to_string(), at(r3, now - 10 * MS));
+        reports.get_mut("r1").unwrap().heartbeat.pg_up = false;
+        let leader = leader_p(2);
+        let config = ClusterConfig {
+            sync_mode: SyncMode::On,
+            ..ClusterConfig::default()
+        };
+        let record = sync_record("p", 2, &["r1", "r3"]);
+        let both = set(&["r1", "r3"]);
+        let only_r3 = set(&["r3"]);
+        let input = |applied| SyncInput {
+            leader: &leader,
+            members: &members,
+            reports: &reports,
+            config: &config,
+            record: Some(&record),
+            applied,
+            now,
+        };
+        // r1 is down: the primary stops waiting for it first.
+        assert_eq!(
+            sync_change(&input(Some((&both, Lsn(0))))),
+            Some(SyncChange::Apply {
+                standbys: only_r3.clone(),
+                value: "ANY 1 (\"r3\")".into()
+            })
+        );
+        // r3 (flushed 4000) has not reached the primary's position at the change.
+        assert_eq!(sync_change(&input(Some((&only_r3, Lsn(6000))))), None);
+        // It has: r1 leaves the record.
+        assert_eq!(
+            sync_change(&input(Some((&only_r3, Lsn(3000))))),
+            Some(SyncChange::Record(only_r3.clone()))
+        );
+        // The primary itself not heartbeating: nothing is decided.
+        let mut silent = reports.clone();
+        silent.get_mut("p").unwrap().received_at = now - Duration::from_secs(5);
+        let input = SyncInput {
+            reports: &silent,
+            ..input(Some((&only_r3, Lsn(3000))))
+        };
+        assert_eq!(sync_change(&input), None);
     }
 
     #[test]

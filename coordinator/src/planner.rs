@@ -283,6 +283,48 @@ fn health<'m>(
     Ok((member, report, position))
 }
 
+/// Why the operator's `failover --to NODE` is refused without `--force`, once
+/// NODE was chosen (forcing waived the lag limit and the synchronous set).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unforced {
+    #[error("{node} is {lag_bytes} bytes behind (max_failover_lag {max}); use --force to accept the loss")]
+    Lagging {
+        node: String,
+        lag_bytes: u64,
+        max: u64,
+    },
+    #[error(
+        "{node} is not a synchronous standby (sync_mode is on); use --force to accept the loss"
+    )]
+    NotSynchronous { node: String },
+}
+
+/// Checks a candidate chosen for `failover --to to` as if it had not been forced:
+/// within `max_failover_lag`, and, in synchronous mode with a non-empty recorded
+/// set (`sync_standbys`), a member of it.
+pub fn check_unforced(
+    to: &str,
+    candidate: &Candidate,
+    config: &ClusterConfig,
+    sync_standbys: Option<&BTreeSet<String>>,
+) -> Result<(), Unforced> {
+    if candidate.lag_bytes > config.max_failover_lag {
+        return Err(Unforced::Lagging {
+            node: to.to_string(),
+            lag_bytes: candidate.lag_bytes,
+            max: config.max_failover_lag,
+        });
+    }
+    let keeps_sync = config.sync_mode == SyncMode::Off
+        || sync_standbys.is_none_or(|set| set.is_empty() || set.contains(&candidate.node.node));
+    if !keeps_sync {
+        return Err(Unforced::NotSynchronous {
+            node: to.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Automatic failover or planned switchover.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlanKind {
@@ -972,6 +1014,51 @@ mod tests {
                 .node
                 .node,
             "a"
+        );
+    }
+
+    #[test]
+    fn unforced_failover_respects_the_lag_limit_and_the_synchronous_set() {
+        let candidate = |lag_bytes| Candidate {
+            node: node_ref("a"),
+            position: Lsn(100),
+            lag_bytes,
+            timeline: 1,
+        };
+        let config = ClusterConfig {
+            max_failover_lag: 1000,
+            ..ClusterConfig::default()
+        };
+        assert_eq!(check_unforced("a", &candidate(1000), &config, None), Ok(()));
+        let lagging = check_unforced("a", &candidate(1001), &config, None).unwrap_err();
+        assert_eq!(
+            lagging.to_string(),
+            "a is 1001 bytes behind (max_failover_lag 1000); use --force to accept the loss"
+        );
+        // Synchronous mode: only a member of a non-empty recorded set.
+        let sync = ClusterConfig {
+            sync_mode: SyncMode::On,
+            ..config.clone()
+        };
+        let others: BTreeSet<String> = ["b".to_string()].into();
+        let with_a: BTreeSet<String> = ["a".to_string()].into();
+        assert_eq!(
+            check_unforced("a", &candidate(0), &sync, Some(&others)),
+            Err(Unforced::NotSynchronous { node: "a".into() })
+        );
+        assert_eq!(
+            check_unforced("a", &candidate(0), &sync, Some(&with_a)),
+            Ok(())
+        );
+        assert_eq!(
+            check_unforced("a", &candidate(0), &sync, Some(&BTreeSet::new())),
+            Ok(())
+        );
+        assert_eq!(check_unforced("a", &candidate(0), &sync, None), Ok(()));
+        // Asynchronous: the recorded set does not matter.
+        assert_eq!(
+            check_unforced("a", &candidate(0), &config, Some(&others)),
+            Ok(())
         );
     }
 
