@@ -7,7 +7,8 @@
 //! `SET meridian.min_lsn`) carried to eu-west's proxy gives the same guarantee
 //! there; (c) `SET meridian.max_staleness` keeps reads off a replica that
 //! lags more than the bound. The regions are apart by the demo's one-way WAN
-//! delays (35, 40 and 70 ms).
+//! delays (35, 40 and 70 ms); us-east, which holds the primary and no replica, reads
+//! from the nearest region's replica.
 //!
 //! The programs must be built first (`cargo build --workspace --bins`).
 
@@ -58,6 +59,32 @@ async fn scenario(cluster: &LocalCluster) -> anyhow::Result<()> {
         },
     )
     .await?;
+
+    // us-east holds the primary and no replica: its reads go to the nearest region's
+    // replica, us-west (35 ms away), not eu-west (40 ms), as measured by the health polls.
+    // Once the polls have measured both, every new session reads from us-west.
+    let east = cluster.proxy("us-east")?;
+    let east_read_port = || async {
+        let c = connect(&east.dsn()).await?;
+        read_port(&c).await
+    };
+    eventually(
+        Duration::from_secs(30),
+        "a us-east read on us-west",
+        || async {
+            let p = east_read_port().await?;
+            anyhow::ensure!(p == west_replica.pg_port, "read served by port {p}");
+            Ok(())
+        },
+    )
+    .await?;
+    for _ in 0..8 {
+        let p = east_read_port().await?;
+        anyhow::ensure!(
+            p == west_replica.pg_port,
+            "a us-east session read from port {p}, not the nearest replica"
+        );
+    }
 
     let app_on_replica = connect(&format!(
         "host=127.0.0.1 port={} user=postgres dbname=app connect_timeout=2",

@@ -25,8 +25,9 @@
 //! ([`MemberRecord::pg_addr_for`]). The view also keeps etcd `cache/<region>`
 //! records, which give [`Topology::cache_usable`] for the proxy's region.
 //!
-//! Limits: replica choice knows regions but no distances (any other region is
-//! "nearest"); the `proxies/<id>` key goes away at once only through
+//! Replicas carry the smoothed round trip of their health polls, so that without a
+//! replica in its own region a proxy reads from the nearest one
+//! ([`Topology::pick_replica`]). Limits: the `proxies/<id>` key goes away at once only through
 //! [`Follower::stop`] (a graceful shutdown revokes the lease), otherwise when
 //! its lease expires.
 
@@ -306,6 +307,7 @@ pub fn topology_from(
                 addr: Arc::from(addr),
                 region: m.region.clone(),
                 state: replica_state(health.get(addr), now, p),
+                rtt: health.get(addr).and_then(|s| s.rtt),
             }
         })
         .collect();
@@ -714,6 +716,7 @@ mod tests {
             in_recovery: true,
             replay_lsn: None,
             lag: Some(Duration::from_millis(lag_ms)),
+            rtt: None,
             at,
         }
     }

@@ -52,6 +52,8 @@ pub struct ReplicaStatus {
     pub replay_lsn: Option<Lsn>,
     /// Replay lag (`None` when the poll failed).
     pub lag: Option<Duration>,
+    /// Round trip of the poll query, smoothed over polls: how near the replica is.
+    pub rtt: Option<Duration>,
     /// When the poll finished.
     pub at: Instant,
 }
@@ -136,6 +138,7 @@ impl ReplicaTable {
         if status.replay_lsn.is_none() {
             status.replay_lsn = prev.and_then(|p| p.replay_lsn);
         }
+        status.rtt = smooth_rtt(prev.and_then(|p| p.rtt), status.rtt);
         let flipped = prev.is_none_or(|p| p.ok != status.ok || p.in_recovery != status.in_recovery);
         map.insert(addr.clone(), status);
         drop(map);
@@ -161,6 +164,15 @@ impl ReplicaTable {
     }
 }
 
+/// Exponentially smoothed round trip: a new sample weighs a quarter, so one slow poll on a
+/// loaded host does not reorder the replicas. Keeps the last value when a poll failed.
+pub fn smooth_rtt(prev: Option<Duration>, sample: Option<Duration>) -> Option<Duration> {
+    match (prev, sample) {
+        (Some(p), Some(s)) => Some((p * 3 + s) / 4),
+        (p, s) => s.or(p),
+    }
+}
+
 /// Parses one row of [`POLL_QUERY`].
 pub fn parse_poll_row(row: &[Option<String>], at: Instant) -> Option<ReplicaStatus> {
     let in_recovery = row.first()?.as_deref()? == "t";
@@ -172,6 +184,7 @@ pub fn parse_poll_row(row: &[Option<String>], at: Instant) -> Option<ReplicaStat
         in_recovery,
         replay_lsn,
         lag: Some(lag),
+        rtt: None,
         at,
     })
 }
@@ -183,6 +196,7 @@ pub fn failed(at: Instant) -> ReplicaStatus {
         in_recovery: false,
         replay_lsn: None,
         lag: None,
+        rtt: None,
         at,
     }
 }
@@ -294,10 +308,15 @@ async fn poll_once(
     let Some(c) = conn.as_mut() else {
         return Err(BackendError::Closed);
     };
+    let sent = Instant::now();
     let rows = c.simple_query(POLL_QUERY).await?;
-    rows.first()
-        .and_then(|r| parse_poll_row(r, Instant::now()))
-        .ok_or_else(|| BackendError::Protocol("unexpected answer to the replica poll".into()))
+    let now = Instant::now();
+    let mut status = rows
+        .first()
+        .and_then(|r| parse_poll_row(r, now))
+        .ok_or_else(|| BackendError::Protocol("unexpected answer to the replica poll".into()))?;
+    status.rtt = Some(now - sent);
+    Ok(status)
 }
 
 #[cfg(test)]
@@ -359,6 +378,7 @@ mod tests {
                 in_recovery: true,
                 replay_lsn: Some(Lsn(42)),
                 lag: Some(Duration::ZERO),
+                rtt: None,
                 at: now,
             },
         );

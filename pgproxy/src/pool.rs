@@ -324,6 +324,7 @@ mod tests {
                 addr: Arc::from("r:1"),
                 region: String::new(),
                 state: ReplicaState::Down,
+                rtt: None,
             }],
             epoch,
             state,

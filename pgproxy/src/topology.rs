@@ -48,6 +48,8 @@ pub struct Backend {
     pub addr: Arc<str>,
     pub region: String,
     pub state: ReplicaState,
+    /// Smoothed round trip of the health poll (`None`: not measured, e.g. static replicas).
+    pub rtt: Option<Duration>,
 }
 
 impl Backend {
@@ -89,6 +91,7 @@ impl Topology {
                     addr: Arc::from(r.addr.as_str()),
                     region: r.region.clone().unwrap_or_else(|| cfg.region.clone()),
                     state: ReplicaState::Ok,
+                    rtt: None,
                 })
                 .collect(),
             epoch: 0,
@@ -109,14 +112,15 @@ impl Topology {
         self.checks_epoch().then_some(self.epoch)
     }
 
-    /// The replica to read from: a usable one in `region`, else a usable one in
-    /// another region, else `None` (the read goes to the primary). `salt`
-    /// spreads sessions over equally good replicas.
+    /// The replica to read from: a usable one in `region`, else the nearest usable one in
+    /// another region (lowest health-poll round trip; replicas within [`NEAR_ENOUGH`] of
+    /// it, or all when none was measured, count as equally near), else `None` (the read
+    /// goes to the primary). `salt` spreads sessions over equally good replicas.
     pub fn pick_replica(&self, region: &str, salt: u64) -> Option<&Backend> {
         let usable = || self.replicas.iter().filter(|r| r.usable());
         let local: Vec<&Backend> = usable().filter(|r| r.region == region).collect();
         let pool: Vec<&Backend> = if local.is_empty() {
-            usable().collect()
+            nearest(usable().collect())
         } else {
             local
         };
@@ -145,6 +149,21 @@ impl Topology {
 
 pub type TopologyRx = watch::Receiver<Arc<Topology>>;
 
+/// Round trips closer than this (or than a twentieth of the nearest) count as equally near.
+pub const NEAR_ENOUGH: Duration = Duration::from_millis(2);
+
+/// The backends of `all` as near as the nearest measured one; unmeasured ones only when
+/// none is measured.
+pub fn nearest(all: Vec<&Backend>) -> Vec<&Backend> {
+    let Some(best) = all.iter().filter_map(|b| b.rtt).min() else {
+        return all;
+    };
+    let bound = best + NEAR_ENOUGH.max(best / 20);
+    all.into_iter()
+        .filter(|b| b.rtt.is_some_and(|r| r <= bound))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,7 +173,49 @@ mod tests {
             addr: Arc::from(addr),
             region: region.into(),
             state,
+            rtt: None,
         }
+    }
+
+    fn measured(addr: &str, region: &str, rtt_ms: u64) -> Backend {
+        Backend {
+            rtt: Some(Duration::from_millis(rtt_ms)),
+            ..b(addr, region, ReplicaState::Ok)
+        }
+    }
+
+    #[test]
+    fn without_a_local_replica_the_nearest_remote_one_is_read() {
+        let t = Topology {
+            replicas: vec![
+                measured("west:1", "us-west", 70),
+                measured("east:1", "us-east", 80),
+                measured("west:2", "us-west", 72),
+                b("unmeasured:1", "ap", ReplicaState::Ok),
+                Backend {
+                    state: ReplicaState::Down,
+                    ..measured("down:1", "eu", 1)
+                },
+            ],
+            ..Topology::default()
+        };
+        let picked: std::collections::BTreeSet<&str> = (0..8)
+            .map(|salt| &*t.pick_replica("eu", salt).unwrap().addr)
+            .collect();
+        assert_eq!(picked, ["west:1", "west:2"].into_iter().collect());
+        // A local replica wins however near the others are.
+        let mut with_local = t.clone();
+        with_local.replicas.push(measured("eu:1", "eu", 90));
+        assert_eq!(&*with_local.pick_replica("eu", 5).unwrap().addr, "eu:1");
+        // Nothing measured: every usable replica is a candidate.
+        let unmeasured = Topology {
+            replicas: vec![
+                b("a:1", "x", ReplicaState::Ok),
+                b("b:1", "y", ReplicaState::Ok),
+            ],
+            ..Topology::default()
+        };
+        assert_eq!(nearest(unmeasured.replicas.iter().collect()).len(), 2);
     }
 
     #[test]
