@@ -188,7 +188,7 @@ async fn timed(c: &tokio_postgres::Client, sql: &str) -> (Duration, String) {
     (took, value)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wan_delay_applies_per_region_pair_and_every_region_has_a_redis() {
     let dir = tempfile::Builder::new()
         .prefix("meridian-wan-")

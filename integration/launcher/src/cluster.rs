@@ -640,11 +640,17 @@ impl LocalCluster {
         eventually(deadline, &format!("{node} to stream"), || {
             let dsn = dsn.clone();
             async move {
-                let c = connect(&dsn).await?;
-                let row = c
-                    .query_opt("SELECT status FROM pg_stat_wal_receiver", &[])
-                    .await?;
-                let status: Option<String> = row.map(|r| r.get(0));
+                // One attempt may not take the whole deadline: a connection that hangs on a
+                // loaded machine is dropped and tried again.
+                let status = tokio::time::timeout(Duration::from_secs(10), async {
+                    let c = connect(&dsn).await?;
+                    let row = c
+                        .query_opt("SELECT status FROM pg_stat_wal_receiver", &[])
+                        .await?;
+                    anyhow::Ok(row.map(|r| r.get::<_, String>(0)))
+                })
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??;
                 anyhow::ensure!(status.as_deref() == Some("streaming"), "{status:?}");
                 Ok(())
             }
