@@ -440,11 +440,13 @@ done; done; done; done
 say "$runs_total pgbench runs of ${duration}s (about $((runs_total * (duration + 1) / 60 + 1)) min)"
 
 n=0
+loads=() # 1-minute load average sampled before each run (the machine may be shared)
 for r in $(seq "$rounds"); do
     for c in $clients; do
         for m in $modes; do
             for t in $targets; do
                 n=$((n + 1))
+                loads+=("$(cut -d' ' -f1 /proc/loadavg)")
                 log="$work/run-$r-$t-$m-$c.log"
                 if ! run_pgbench "$t" "$m" "$c" "$duration" "$log"; then
                     say "run $n/$runs_total: $t -M $m -c $c FAILED (pgbench exit code != 0):"
@@ -487,6 +489,14 @@ stats() {
         }'
 }
 
+# "min X, median Y, max Z" of the load samples taken before the runs.
+load_summary() {
+    [ "${#loads[@]}" -gt 0 ] || { echo "none sampled"; return; }
+    printf '%s\n' "${loads[@]}" | sort -g | awk '
+        { v[NR] = $1 }
+        END { printf "min %s, median %s, max %s", v[1], v[int((NR + 1) / 2)], v[NR] }'
+}
+
 report() {
     local t m c s mt bt ml f ok dm ratio
     echo "## pgbench -S: direct vs meridian-pgproxy vs PgBouncer vs HAProxy"
@@ -495,7 +505,7 @@ report() {
     echo
     echo "- Each run: \`$(pgbench_cmd_example)\` against a fresh \`pgbench -i -s $scale\` database."
     echo "- $rounds round(s) over the whole matrix, interleaved (every target runs back to back for each client count and protocol); tps is the median over rounds (best also shown), latency is the median of the rounds' average latencies; \"vs direct\" = median tps / direct's median tps for the same protocol and clients."
-    echo "- Machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM; load average at start: $load_start, at end: $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo "- Machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM; load average at start: $load_start, at end: $(cut -d' ' -f1-3 /proc/loadavg); 1-minute load before each run: $(load_summary)."
     echo "- PostgreSQL: $pg_version; primary + 1 streaming replica on the same machine, fsync off, shared_buffers 256MB, max_connections 300."
     [ -n "$pgproxy" ] && echo "- meridian-pgproxy: \`$pgproxy\` ($pgproxy_build build; git $git_rev); session mode --pool-size $session_pool, transaction mode --pool-size $tx_pool_size. **pgproxy routes the read-only pgbench -S queries to the replica** (primary port $primary_port, replica port $replica_port); every other target reads from the primary."
     for t in pgproxy-session pgproxy-transaction; do

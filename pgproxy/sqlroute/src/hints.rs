@@ -17,10 +17,17 @@ const PREFIX: &str = "meridian:";
 /// The hints in the leading comments of `sql`.
 pub fn parse_hints(sql: &str) -> Hints {
     let mut hints = Hints::default();
-    for body in leading_comments(sql) {
-        apply_comment(body, &mut hints);
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start();
+        match split_comment(rest) {
+            Some((body, after)) => {
+                apply_comment(body, &mut hints);
+                rest = after;
+            }
+            None => return hints,
+        }
     }
-    hints
 }
 
 /// The text after the leading comments and blanks of `sql`.
@@ -32,22 +39,6 @@ pub(crate) fn skip_leading_comments(sql: &str) -> &str {
             rest = after;
         } else {
             return rest;
-        }
-    }
-}
-
-/// The bodies of the comments before the first token.
-fn leading_comments(sql: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut rest = sql;
-    loop {
-        rest = rest.trim_start();
-        match split_comment(rest) {
-            Some((body, after)) => {
-                out.push(body);
-                rest = after;
-            }
-            None => return out,
         }
     }
 }

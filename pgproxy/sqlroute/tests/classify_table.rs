@@ -497,3 +497,211 @@ fn long_operator_chains_do_not_exhaust_a_small_stack() {
     assert_eq!(insert.statements[0].kind, StatementKind::Write);
     assert_eq!(insert.pins(), None);
 }
+
+/// Extra statements whose literal values matter to sqlparser or to the analysis, on top of the
+/// table's.
+const LITERAL_SENSITIVE: &[&str] = &[
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+    "SELECT CAST(a AS varchar(10)), b::numeric(12, 2) FROM t",
+    "SELECT * FROM t ORDER BY 1 LIMIT 10 OFFSET 5",
+    "SELECT * FROM t FETCH FIRST 5 ROWS ONLY",
+    "INSERT INTO t VALUES (1, 'a', 2.5, 12345678901)",
+    "UPDATE t SET a = 'x', b = 3 WHERE id = 4",
+    "SELECT interval '1 day', date '2024-01-01', '{1,2}'::int[]",
+    "SELECT set_config('a.b', 'v', false)",
+    "SELECT set_config('a.b', 'v', 'off')",
+    "SET x = 5",
+    "SET statement_timeout = '5s'",
+    "EXPLAIN (ANALYZE 1) UPDATE t SET a = 1",
+    "EXPLAIN (ANALYZE 'off') UPDATE t SET a = 1",
+    "COPY t TO '/tmp/x' WITH (FORMAT 'csv', DELIMITER ';')",
+    "/* meridian:min_lsn=0/16B3748 */ SELECT * FROM t WHERE id = 5",
+    "/* meridian:cache ttl=30s */ SELECT * FROM t WHERE name = 'x'",
+    "SELECT 'a' FROM t WHERE b IN (1, 2, 3) AND c BETWEEN 1.5 AND 2.5",
+    "WITH 'x' AS (SELECT 1) SELECT * FROM x",
+    "SELECT 'a'.b, c.'d' FROM t",
+    "SELECT * FROM 'tbl' WHERE a = 1",
+    "SELECT a AS 'alias' FROM t",
+    "SELECT 'a'\n'b' FROM t",
+    "SELECT * FROM t TABLESAMPLE BERNOULLI (10) REPEATABLE (42)",
+    "SELECT to_char(now(), 'YYYY'), ARRAY[1, 2][1]",
+];
+
+/// A small deterministic generator (xorshift), seeded by proptest.
+struct Rng(u64);
+
+impl Rng {
+    fn gen_range(&mut self, range: std::ops::Range<usize>) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        range.start + (self.0 % (range.end - range.start) as u64) as usize
+    }
+}
+
+/// A random literal of the same class as `lit` (`'...'` or digits, with an optional fraction).
+fn random_literal(lit: &str, rng: &mut Rng) -> String {
+    if lit.starts_with('\'') {
+        const PIECES: &[&str] = &[
+            "",
+            "x",
+            "''",
+            ";",
+            "--",
+            "/*",
+            "*/",
+            "$$",
+            "\"",
+            "FOR UPDATE",
+            "'); DELETE FROM t; --",
+            "é",
+            "\u{1}",
+            "on",
+            "off",
+            "0",
+            "true",
+            "false",
+            "1 day",
+            " ",
+            "\n",
+        ];
+        let n = rng.gen_range(0..4);
+        let body: String = (0..n)
+            .map(|_| PIECES[rng.gen_range(0..PIECES.len())])
+            .collect();
+        format!("'{body}'")
+    } else {
+        let digits = |rng: &mut Rng, n: usize| -> String {
+            (0..n)
+                .map(|_| char::from(b'0' + rng.gen_range(0..10) as u8))
+                .collect()
+        };
+        // Mostly short values, sometimes up to 21 digits (beyond what a fingerprint accepts).
+        let int_len = if rng.gen_range(0..4) == 0 {
+            rng.gen_range(1..22)
+        } else {
+            rng.gen_range(1..8)
+        };
+        let int = digits(rng, int_len);
+        if lit.contains('.') {
+            let frac_len = rng.gen_range(1..5);
+            format!("{int}.{}", digits(rng, frac_len))
+        } else {
+            int
+        }
+    }
+}
+
+/// `sql` with every plain number and standard string literal replaced by a random one of the
+/// same class (a test-side scanner, deliberately independent of the fingerprint lexer).
+fn vary_literals(sql: &str, rng: &mut Rng) -> String {
+    let b = sql.as_bytes();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let prev = if i > 0 { b[i - 1] } else { b' ' };
+        let in_word = prev.is_ascii_alphanumeric() || matches!(prev, b'_' | b'$' | b'.');
+        if c == b'\'' && !in_word {
+            let mut j = i + 1;
+            while j < b.len() {
+                if b[j] == b'\'' && b.get(j + 1) == Some(&b'\'') {
+                    j += 2;
+                } else if b[j] == b'\'' {
+                    break;
+                } else {
+                    j += 1;
+                }
+            }
+            let end = (j + 1).min(b.len());
+            out.push_str(&random_literal(&sql[i..end], rng));
+            i = end;
+        } else if c.is_ascii_digit() && !in_word {
+            let mut j = i;
+            while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'.') {
+                j += 1;
+            }
+            out.push_str(&random_literal(&sql[i..j], rng));
+            i = j;
+        } else if c == b'"' || c == b'/' || c == b'-' {
+            // Copy quoted identifiers and comments through unchanged.
+            let close: &[u8] = match (c, b.get(i + 1)) {
+                (b'"', _) => b"\"",
+                (b'/', Some(b'*')) => b"*/",
+                (b'-', Some(b'-')) => b"\n",
+                _ => b"",
+            };
+            let from = i + 1;
+            let end = if close.is_empty() {
+                from
+            } else {
+                b[from..]
+                    .windows(close.len())
+                    .position(|w| w == close)
+                    .map_or(b.len(), |p| from + p + close.len())
+            };
+            out.push_str(&sql[i..end]);
+            i = end;
+        } else {
+            let len = sql[i..].chars().next().map_or(1, char::len_utf8);
+            out.push_str(&sql[i..i + len]);
+            i += len;
+        }
+    }
+    out
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(64))]
+
+    /// The fingerprint cache is sound: over every statement of the table and the extra
+    /// literal-sensitive ones, with random literal values, an analysis served from the cache
+    /// (filled by the original text or by another variant) equals a fresh full parse.
+    #[test]
+    fn fingerprint_hits_equal_full_parses(seed in proptest::prelude::any::<u64>()) {
+        let mut rng = Rng(seed | 1);
+        let classifier = Classifier::new(4096);
+        let sqls: Vec<&str> = cases()
+            .iter()
+            .map(|c| c.sql)
+            .chain(LITERAL_SENSITIVE.iter().copied())
+            .collect();
+        for sql in &sqls {
+            let first = vary_literals(sql, &mut rng);
+            let second = vary_literals(sql, &mut rng);
+            for text in [*sql, first.as_str(), second.as_str()] {
+                let cached = classifier.analyze(text);
+                proptest::prop_assert_eq!(
+                    &*cached,
+                    &analyze_uncached(text),
+                    "cached analysis differs for {:?} (original {:?})",
+                    text,
+                    sql
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn literal_variants_of_plain_statements_share_a_fingerprint() {
+    use meridian_sqlroute::fingerprint;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // The scanner above must really vary the literals, and plain reads must really share.
+    let sql = "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;";
+    let shared = (0..20)
+        .map(|_| vary_literals(sql, &mut rng))
+        .filter(|v| v != sql && fingerprint(v).is_some() && fingerprint(v) == fingerprint(sql))
+        .count();
+    assert!(
+        shared >= 10,
+        "only {shared} of 20 variants shared the fingerprint"
+    );
+    let classifier = Classifier::new(16);
+    for i in 0..100 {
+        classifier.analyze(&format!(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = {i};"
+        ));
+    }
+    assert_eq!(classifier.cached(), 1);
+}
