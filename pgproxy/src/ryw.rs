@@ -165,6 +165,24 @@ pub fn commit_point(analysis: &Analysis, catalog: &FunctionCatalog, in_tx: bool)
         && !analysis.is_read(catalog)
 }
 
+/// Whether a statement text may put the backend into COPY IN mode (a `COPY` anywhere as a
+/// word): then no query may be pipelined behind it. Conservative: a false positive only
+/// learns the commit LSN later.
+pub fn may_copy(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(4)
+        .enumerate()
+        .any(|(i, w)| {
+            w.eq_ignore_ascii_case(b"copy")
+                && (i == 0 || !is_word_byte(sql.as_bytes()[i - 1]))
+                && sql.as_bytes().get(i + 4).is_none_or(|b| !is_word_byte(*b))
+        })
+}
+
+fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
 /// The settings the proxy keeps per session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Setting {
@@ -442,6 +460,17 @@ mod tests {
             ),
             RywStep::Primary
         );
+    }
+
+    #[test]
+    fn copy_statements_are_recognised() {
+        assert!(may_copy("COPY t FROM STDIN"));
+        assert!(may_copy("  copy t (a) from stdin csv"));
+        assert!(may_copy("BEGIN; COPY t FROM STDIN; COMMIT"));
+        assert!(may_copy("/* x */\ncopy\tt from stdin"));
+        assert!(!may_copy("INSERT INTO copy_log VALUES (1)"));
+        assert!(!may_copy("UPDATE t SET v = 'xcopyx'"));
+        assert!(!may_copy("INSERT INTO t VALUES (1)"));
     }
 
     #[test]

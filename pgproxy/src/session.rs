@@ -229,8 +229,10 @@ pub struct Session<S> {
     want_replica: Option<Arc<str>>,
     /// The current extended batch executed something that commits.
     batch_commit: bool,
-    /// A committing statement is running on the primary: learn the commit LSN
-    /// once its ReadyForQuery says idle.
+    /// ... and something that may enter COPY FROM STDIN.
+    batch_copy: bool,
+    /// A committing statement that may enter COPY IN is running on the primary (no query can
+    /// be pipelined behind it): learn the commit LSN once its ReadyForQuery says idle.
     commit_pending: bool,
     /// A cacheable read running on a replica whose result is being captured.
     fill: Option<Fill>,
@@ -318,6 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             max_staleness: None,
             want_replica: None,
             batch_commit: false,
+            batch_copy: false,
             commit_pending: false,
             fill: None,
             cache_floor: SessionFloor::default(),
@@ -986,21 +989,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn handle_query(&mut self, f: Frame) -> Result<(), SessionError> {
-        let sql = match wire::query_text(&f) {
-            Ok(s) => s.to_owned(),
+        // The text is borrowed from a second handle on the frame's bytes (a reference count,
+        // no copy), so `f` itself can still be stalled or forwarded.
+        let frame = f.clone();
+        let sql = match wire::query_text(&frame) {
+            Ok(s) => s,
             Err(e) => {
                 self.client.fatal("08P01", &e.to_string()).await;
                 return Err(SessionError::Protocol(e.to_string()));
             }
         };
         self.query_start = Some(Instant::now());
-        let analysis = self.shared.classifier.analyze(&sql);
+        let analysis = self.shared.classifier.analyze(sql);
         let tx = analysis.tx_effect();
 
         if self.tx_lost {
             return self.answer_lost_tx(tx, false).await;
         }
-        if let Some(cmd) = ryw::parse_command(&sql) {
+        if let Some(cmd) = ryw::parse_command(sql) {
             if !self.pending.is_empty() {
                 self.stalled = Some(f);
                 return Ok(());
@@ -1015,7 +1021,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             && !analysis.hint.primary
         {
             let read_only = matches!(tx, TxEffect::Begin { read_only: true });
-            self.lazy_begin = Some((sql, read_only));
+            self.lazy_begin = Some((sql.to_owned(), read_only));
             self.client.send(&wire::command_complete("BEGIN"));
             self.client.send(&wire::ready_for_query(b'T'));
             self.tx_status = b'T';
@@ -1043,12 +1049,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.must_stall(target, &f) {
             return Ok(());
         }
-        let plan = self.cache_plan(
-            target,
-            &analysis,
-            &sql,
-            &cache::entry::simple_identity(&sql),
-        );
+        // The identity is only built when a regional cache is configured (cache_plan is None
+        // otherwise): it copies the text.
+        let plan = if self.shared.cache.is_some() {
+            self.cache_plan(target, &analysis, sql, &cache::entry::simple_identity(sql))
+        } else {
+            None
+        };
         if let Some(plan) = &plan {
             if self.serve_from_cache(plan, &analysis).await? {
                 return Ok(());
@@ -1079,7 +1086,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         });
         self.close_fill(target);
         if commits {
-            self.commit_pending = true;
+            if ryw::may_copy(sql) {
+                self.commit_pending = true;
+            } else {
+                self.queue_commit_lsn(target);
+            }
         }
         self.active = Some(target);
         self.set_cancel_target(target);
@@ -1349,10 +1360,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.shared.config().routing.read_your_writes
     }
 
-    /// Queues the commit-LSN query on `w` (called when the committing
-    /// statement's ReadyForQuery arrives, idle, before it is forwarded); its
-    /// answer is swallowed. No round trip is added to the client's path: the
-    /// client's ReadyForQuery is forwarded at once, before this answer arrives.
+    /// Queues the commit-LSN query on `w` right behind the committing statement (or its
+    /// batch's Sync), in the same flush; its answer is swallowed. (Behind a statement that
+    /// may enter COPY IN nothing can be pipelined: there it is queued when the statement's
+    /// ReadyForQuery arrives, `commit_pending`.) The backend runs it as
+    /// soon as the commit is done, so its answer arrives on the heels of the client's
+    /// ReadyForQuery: neither the commit nor the session's next statement waits a round
+    /// trip for it. (If the statement failed instead, the position learned is merely a
+    /// little higher than needed: later reads wait for it, never for less.)
     fn queue_commit_lsn(&mut self, w: Which) {
         if let Some(c) = self.conn(w) {
             c.queue(&wire::encode_query(ryw::COMMIT_LSN_QUERY).raw);
@@ -1913,6 +1928,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.batch_commit = true;
                     }
                 }
+                if self
+                    .last_bound
+                    .as_ref()
+                    .is_none_or(|s| ryw::may_copy(&s.query))
+                {
+                    self.batch_copy = true;
+                }
                 self.queue_to(target, &f);
                 self.pending.push_back(Pending::Execute { analysis });
             }
@@ -1936,11 +1958,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if std::mem::take(&mut self.releasing) {
                     self.close_fill(target);
                 }
+                let may_copy = std::mem::take(&mut self.batch_copy);
                 if std::mem::take(&mut self.batch_commit)
                     && target == Which::Primary
                     && self.learns_commits()
                 {
-                    self.commit_pending = true;
+                    if may_copy {
+                        self.commit_pending = true;
+                    } else {
+                        self.queue_commit_lsn(target);
+                    }
                 }
             }
             _ => {}
