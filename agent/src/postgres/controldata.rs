@@ -146,6 +146,8 @@ pub struct PostmasterPidFile {
     pub socket_dir: String,
     /// Line 6: the first listen address (empty when none).
     pub listen_address: String,
+    /// Line 7: the System V shared memory id (second field), once written.
+    pub shmem_id: Option<i64>,
     /// Line 8: `starting`, `stopping`, `ready` or `standby`, once written.
     pub status: Option<String>,
 }
@@ -176,6 +178,10 @@ impl PostmasterPidFile {
             port,
             socket_dir: line(4).to_owned(),
             listen_address: line(5).to_owned(),
+            shmem_id: line(6)
+                .split_whitespace()
+                .nth(1)
+                .and_then(|id| id.parse().ok()),
             status: lines
                 .get(7)
                 .map(|s| (*s).to_owned())
@@ -184,9 +190,34 @@ impl PostmasterPidFile {
     }
 }
 
+/// How many processes are attached to the System V shared memory segment `shmid`, from the
+/// text of `/proc/sysvipc/shm`; `None` when the segment is gone. PostgreSQL refuses to start
+/// while its old segment has attachments ("pre-existing shared memory block is still in use").
+pub fn shm_attachments(sysvipc_shm: &str, shmid: i64) -> Option<u64> {
+    sysvipc_shm.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1)?.parse::<i64>().ok()? == shmid).then(|| f.get(6)?.parse().ok())?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_memory_attachments() {
+        let table = "       key      shmid perms  size  cpid  lpid nattch   uid\n\
+                       10018915      32768   600    56  2758  2787      3   101\n\
+                       10026866      32769   600    56  2771  2784      0   101\n";
+        assert_eq!(shm_attachments(table, 32768), Some(3));
+        assert_eq!(shm_attachments(table, 32769), Some(0));
+        assert_eq!(shm_attachments(table, 5), None);
+        let pid_file =
+            "23662\n/data\n1796092000\n5432\n\n127.0.0.1\n  10678270    786610\nready   \n";
+        let parsed = PostmasterPidFile::parse(pid_file).unwrap();
+        assert_eq!(parsed.shmem_id, Some(786610));
+        assert_eq!(parsed.status.as_deref(), Some("ready"));
+    }
 
     const PRIMARY: &str = "\
 pg_control version number:            1300

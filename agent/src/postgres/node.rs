@@ -619,6 +619,31 @@ impl PgNode {
     /// returns). A postmaster this node did not spawn is killed the same way,
     /// found through `postmaster.pid`.
     pub async fn kill9(&self) -> Result<(), PgError> {
+        let shmem_id = self
+            .pid_file()
+            .await
+            .ok()
+            .flatten()
+            .and_then(|p| p.shmem_id);
+        let result = self.kill9_processes().await;
+        if let Some(id) = shmem_id {
+            // Killed children detach from the shared memory as they exit, a moment after the
+            // postmaster: a restart before that is refused, so wait for it (bounded).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let table = tokio::fs::read_to_string("/proc/sysvipc/shm")
+                    .await
+                    .unwrap_or_default();
+                if super::controldata::shm_attachments(&table, id).unwrap_or(0) == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        result
+    }
+
+    async fn kill9_processes(&self) -> Result<(), PgError> {
         let child = lock(&self.child).take();
         match child {
             Some(mut child) => {
