@@ -1,7 +1,8 @@
 //! The QUIC link to the active coordinator (docs/control-path.md, "QUIC link").
 //!
-//! Find the coordinator through the etcd election (`CoordinatorRecord.quic_addr`),
-//! dial it with mutual TLS, open one bidirectional stream, send `Hello`, then a
+//! Find the coordinator through the etcd election (`CoordinatorRecord`, at the
+//! address it advertises for this agent's region: [`dial_addr`], which falls back
+//! to `quic_addr`), dial it with mutual TLS, open one bidirectional stream, send `Hello`, then a
 //! `Heartbeat` every interval, and hand commands to the controller, answering
 //! each with an `Ack`. Stale commands are refused here at once; duplicates (the
 //! coordinator re-sends unacknowledged commands every second) are not run twice:
@@ -118,7 +119,17 @@ pub async fn run(
     }
 }
 
-async fn coordinator_addr(etcd: &mut Client, keys: &Keys) -> Result<(String, SocketAddr), String> {
+/// The address an agent of `region` dials the elected coordinator at: the
+/// record's entry for that region (`--advertise-quic-for`), else `quic_addr`.
+pub fn dial_addr<'a>(record: &'a CoordinatorRecord, region: &str) -> &'a str {
+    record.quic_addr_for(region)
+}
+
+async fn coordinator_addr(
+    etcd: &mut Client,
+    keys: &Keys,
+    region: &str,
+) -> Result<(String, SocketAddr), String> {
     let resp = tokio::time::timeout(
         Duration::from_secs(1),
         etcd.leader(keys.coordinator_election()),
@@ -131,11 +142,12 @@ async fn coordinator_addr(etcd: &mut Client, keys: &Keys) -> Result<(String, Soc
         .ok_or_else(|| "no coordinator is elected".to_owned())?;
     let record: CoordinatorRecord =
         records::decode("coordinator", kv.value()).map_err(|e| e.to_string())?;
-    let addr = tokio::net::lookup_host(&record.quic_addr)
+    let target = dial_addr(&record, region);
+    let addr = tokio::net::lookup_host(target)
         .await
-        .map_err(|e| format!("resolving {}: {e}", record.quic_addr))?
+        .map_err(|e| format!("resolving {target}: {e}"))?
         .next()
-        .ok_or_else(|| format!("{} resolves to nothing", record.quic_addr))?;
+        .ok_or_else(|| format!("{target} resolves to nothing"))?;
     Ok((record.name, addr))
 }
 
@@ -150,7 +162,7 @@ async fn session(
     seq: &mut u64,
     inval: &mut LinkSide,
 ) -> Result<(), String> {
-    let (coordinator, addr) = coordinator_addr(etcd, keys).await?;
+    let (coordinator, addr) = coordinator_addr(etcd, keys, &shared.region).await?;
     let bind: SocketAddr = if addr.is_ipv6() {
         "[::]:0".parse().map_err(|e| format!("{e}"))?
     } else {
@@ -357,5 +369,31 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dials_the_address_advertised_for_its_region() {
+        let mut record = CoordinatorRecord {
+            name: "c1".into(),
+            admin_addr: "127.0.0.1:1".into(),
+            quic_addr: "127.0.0.1:2".into(),
+            quic_addrs: Default::default(),
+        };
+        // An old coordinator (no per-region addresses): quic_addr from everywhere.
+        assert_eq!(dial_addr(&record, "eu-west"), "127.0.0.1:2");
+        record.quic_addrs = [
+            ("eu-west".to_owned(), "127.0.0.1:3".to_owned()),
+            ("us-east".to_owned(), "127.0.0.1:4".to_owned()),
+        ]
+        .into();
+        assert_eq!(dial_addr(&record, "eu-west"), "127.0.0.1:3");
+        assert_eq!(dial_addr(&record, "us-east"), "127.0.0.1:4");
+        // A region the coordinator does not list.
+        assert_eq!(dial_addr(&record, "ap-south"), "127.0.0.1:2");
     }
 }

@@ -4,6 +4,7 @@
 //! ([`meridian_coordinator::daemon::run`]) next to the admin API and the HTTP
 //! server until SIGTERM or SIGINT, which resigns the election and exits 0.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use clap::Parser;
 use meridian_coordinator::{admin, control, daemon, http};
 use meridian_shared::keys::{validate_name, Keys};
 use meridian_shared::pki::{quic_server_config, PkiPaths};
-use meridian_shared::records::CoordinatorRecord;
+use meridian_shared::records::{self, CoordinatorRecord};
 use tokio::sync::watch;
 
 /// The only decider of a Meridian cluster: elected through etcd, receives the
@@ -45,6 +46,18 @@ struct Args {
     /// QUIC address published in the election [default: --quic-listen with 0.0.0.0 replaced by 127.0.0.1].
     #[arg(long, env = "MERIDIAN_COORDINATOR_ADVERTISE_QUIC")]
     advertise_quic: Option<String>,
+    /// QUIC address at which agents of REGION reach this coordinator, as
+    /// REGION=HOST:PORT, repeatable (comma-separated in the environment), e.g. a
+    /// per-region WAN link or a per-network address. Published in the election
+    /// record's `quic_addrs`; an agent of a region not listed dials
+    /// --advertise-quic. Default: none.
+    #[arg(
+        long,
+        env = "MERIDIAN_COORDINATOR_ADVERTISE_QUIC_FOR",
+        value_delimiter = ',',
+        value_name = "REGION=HOST:PORT"
+    )]
+    advertise_quic_for: Vec<String>,
     /// gRPC admin API listen address.
     #[arg(
         long,
@@ -86,6 +99,12 @@ struct Args {
     command_retry: Duration,
 }
 
+/// `--advertise-quic-for` as the election record's `quic_addrs`; errors name the flag.
+fn advertised_quic_for(args: &Args) -> anyhow::Result<BTreeMap<String, String>> {
+    records::parse_locality_addrs(&args.advertise_quic_for)
+        .map_err(|e| anyhow::anyhow!("--advertise-quic-for: {e}"))
+}
+
 /// Idle timeout of agent connections (docs/control-path.md: 3 s).
 const QUIC_IDLE: Duration = Duration::from_secs(3);
 
@@ -101,6 +120,8 @@ async fn main() -> anyhow::Result<()> {
     if args.command_retry.is_zero() {
         anyhow::bail!("--command-retry must be greater than 0");
     }
+
+    let quic_addrs = advertised_quic_for(&args)?;
 
     let pki = PkiPaths {
         ca: args.ca.clone(),
@@ -149,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
             name: args.name.clone(),
             admin_addr,
             quic_addr,
+            quic_addrs,
         },
         election_ttl: args.election_ttl,
         probe_timeout: args.probe_timeout,
@@ -204,6 +226,50 @@ async fn wait_for_signal() {
         }
         _ => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut argv = vec![
+            "meridian-coordinator",
+            "--name",
+            "c1",
+            "--etcd",
+            "http://127.0.0.1:2379",
+            "--ca",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "c.key",
+        ];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    }
+
+    #[test]
+    fn advertise_quic_for_is_repeatable_and_comma_separated() {
+        assert!(parse(&[]).unwrap().advertise_quic_for.is_empty());
+        let args = parse(&[
+            "--advertise-quic-for",
+            "us-east=127.0.0.1:7000",
+            "--advertise-quic-for",
+            "eu-west=127.0.0.1:7001,us-west=127.0.0.1:7002",
+        ])
+        .unwrap();
+        let map = advertised_quic_for(&args).unwrap();
+        assert_eq!(map.len(), 3);
+        assert_eq!(map["eu-west"], "127.0.0.1:7001");
+        for bad in ["eu-west", "=127.0.0.1:1", "eu-west=nohost", "eu=h:1,eu=h:2"] {
+            let args = parse(&["--advertise-quic-for", bad]).unwrap();
+            let err = advertised_quic_for(&args).unwrap_err().to_string();
+            assert!(err.starts_with("--advertise-quic-for: "), "{bad}: {err}");
         }
     }
 }

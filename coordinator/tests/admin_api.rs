@@ -601,6 +601,7 @@ async fn standby_refuses_and_discovery_finds_the_active() {
         name: "c1".into(),
         admin_addr: active.to_string(),
         quic_addr: "127.0.0.1:1".into(),
+        quic_addrs: Default::default(),
     };
     client
         .campaign(

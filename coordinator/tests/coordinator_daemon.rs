@@ -750,6 +750,7 @@ async fn in_process(env: &Env, name: &str, switchover_drain: Duration) -> InProc
             name: name.to_string(),
             admin_addr: "127.0.0.1:1".into(),
             quic_addr,
+            quic_addrs: Default::default(),
         },
         election_ttl: Duration::from_secs(2),
         probe_timeout: Duration::from_millis(300),

@@ -9,9 +9,11 @@
 //! And the WAN delays themselves, on a small two-region cluster started through
 //! the launcher: a statement that must run on the remote primary takes at least
 //! a round trip across the 40 ms pair (80 ms), a read served by the local
-//! replica does not; standbys stream through their region's link; the region's
-//! Redis can be stopped and started on the same port; a partition cuts every
-//! link of a node; after a failover the old primary rejoins through its
+//! replica does not; standbys stream through their region's link; the agents'
+//! QUIC to the coordinator (in the first region) goes through their node's
+//! delayed relay, advertised per region in the coordinator's election record;
+//! the region's Redis can be stopped and started on the same port; a partition
+//! cuts every link of a node, its QUIC relays included; after a failover the old primary rejoins through its
 //! region's link of the new primary and the costs swap sides.
 
 use std::time::{Duration, Instant};
@@ -29,6 +31,19 @@ const REALISTIC_WAN: &str = "us-east:us-west=35ms,us-east:eu-west=40ms,us-west:e
 
 /// The one-way delay between the two regions of the WAN test.
 const PAIR: Duration = Duration::from_millis(40);
+
+/// The coordinator's view of `node` in `meridianctl status --json` (`silent`,
+/// `streaming`, …).
+async fn node_state(cluster: &LocalCluster, node: &str) -> anyhow::Result<String> {
+    let out = cluster.meridianctl(&["status", "--json"]).await?;
+    let status: serde_json::Value = serde_json::from_str(&out)?;
+    let state = status["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["name"] == node))
+        .and_then(|n| n["state"].as_str())
+        .map(str::to_owned);
+    state.ok_or_else(|| anyhow::anyhow!("{node} not in the status: {status}"))
+}
 
 /// `redis://127.0.0.1:PORT` → `127.0.0.1:PORT`.
 fn redis_addr(url: &str) -> &str {
@@ -253,6 +268,70 @@ async fn wan_checks(cluster: &mut LocalCluster) -> anyhow::Result<()> {
     )
     .await?;
 
+    // The agents' QUIC goes to the coordinator (in us-east, the first region)
+    // through their own node's relay, each advertised for its region in the
+    // election record and delayed by the region pair's delay.
+    let coordinator = cluster.active_coordinator().await?;
+    let west_relay = west
+        .quic_links
+        .get(&coordinator.name)
+        .expect("eu-west-1's relay to the coordinator");
+    let east_relay = east
+        .quic_links
+        .get(&coordinator.name)
+        .expect("us-east-1's relay to the coordinator");
+    assert_eq!(
+        coordinator.quic_addr_for("eu-west"),
+        west_relay.local_addr().to_string()
+    );
+    assert_eq!(
+        coordinator.quic_addr_for("us-east"),
+        east_relay.local_addr().to_string()
+    );
+    assert_ne!(coordinator.quic_addr_for("eu-west"), coordinator.quic_addr);
+    assert_eq!(west_relay.control().state().delay, PAIR);
+    assert_eq!(east_relay.control().state().delay, Duration::ZERO);
+    let before = west_relay.delivered();
+    eventually(
+        Duration::from_secs(10),
+        "eu-west-1's heartbeats (and their acks) to cross its relay",
+        || async {
+            let (now, clients) = (west_relay.delivered(), west_relay.clients());
+            anyhow::ensure!(
+                now >= before + 20 && clients >= 1,
+                "{} datagrams since, {clients} clients",
+                now - before
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    // And that relay is its only path: cut alone, the coordinator stops hearing
+    // eu-west-1; healed, it hears it again.
+    west_relay.control().cut();
+    let cut_result = eventually(
+        Duration::from_secs(15),
+        "the coordinator to find eu-west-1 silent",
+        || async {
+            let state = node_state(cluster, "eu-west-1").await?;
+            anyhow::ensure!(state == "silent", "eu-west-1 is {state}");
+            Ok(())
+        },
+    )
+    .await;
+    west_relay.control().heal();
+    cut_result?;
+    eventually(
+        Duration::from_secs(30),
+        "the coordinator to hear eu-west-1 again",
+        || async {
+            let state = node_state(cluster, "eu-west-1").await?;
+            anyhow::ensure!(state != "silent", "eu-west-1 is {state}");
+            Ok(())
+        },
+    )
+    .await?;
+
     let eu = connect(&cluster.proxy("eu-west")?.dsn()).await?;
     // Reads in a session that never writes (after a write, read-your-writes
     // would rightly make a read wait for the replica to replay it).
@@ -345,6 +424,10 @@ async fn wan_checks(cluster: &mut LocalCluster) -> anyhow::Result<()> {
     };
     let addrs = [east.pg_addr(), east.pg_addr_for("eu-west")];
     east.partition();
+    assert!(
+        east.quic_links.values().all(|r| !r.control().state().up),
+        "a QUIC relay of us-east-1 is not cut"
+    );
     for a in &addrs {
         assert!(
             connect(&via(a.clone())).await.is_err(),
@@ -352,6 +435,7 @@ async fn wan_checks(cluster: &mut LocalCluster) -> anyhow::Result<()> {
         );
     }
     east.heal();
+    assert!(east.quic_links.values().all(|r| r.control().state().up));
     for a in &addrs {
         connect(&via(a.clone())).await?;
     }

@@ -166,6 +166,52 @@ pub struct CoordinatorRecord {
     pub admin_addr: String,
     /// QUIC endpoint agents connect to, `host:port`.
     pub quic_addr: String,
+    /// Per-locality QUIC addresses: region -> `host:port` of this coordinator's
+    /// QUIC endpoint as reached from that region (its `--advertise-quic-for`,
+    /// e.g. a per-region WAN link). A region not listed uses `quic_addr`.
+    /// Default empty (and omitted), so older records still parse.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub quic_addrs: BTreeMap<String, String>,
+}
+
+impl CoordinatorRecord {
+    /// The address an agent of `region` dials: its `quic_addrs` entry for that
+    /// region, else `quic_addr`.
+    pub fn quic_addr_for(&self, region: &str) -> &str {
+        self.quic_addrs
+            .get(region)
+            .map(String::as_str)
+            .filter(|a| !a.is_empty())
+            .unwrap_or(&self.quic_addr)
+    }
+}
+
+/// Parses per-locality address flags (`--advertise-pg-addr-for`,
+/// `--advertise-quic-for`): `REGION=HOST:PORT` items, blank items skipped. A
+/// region given twice, an empty region or an address that is not `host:port`
+/// is an error (the message names the item, not the flag: the caller does).
+pub fn parse_locality_addrs(items: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let is_host_port = |addr: &str| {
+        addr.rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+    };
+    let mut out = BTreeMap::new();
+    for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        let Some((region, addr)) = item.split_once('=') else {
+            return Err(format!("{item:?} is not REGION=HOST:PORT"));
+        };
+        let (region, addr) = (region.trim(), addr.trim());
+        if region.is_empty() {
+            return Err(format!("{item:?} has no region"));
+        }
+        if !is_host_port(addr) {
+            return Err(format!("{item:?}: {addr:?} is not host:port"));
+        }
+        if out.insert(region.to_owned(), addr.to_owned()).is_some() {
+            return Err(format!("region {region:?} given twice"));
+        }
+    }
+    Ok(out)
 }
 
 /// The `sync` key: the synchronous standby set the primary may currently wait for.
@@ -363,6 +409,58 @@ mod tests {
             serde_json::to_value(&rec).unwrap()["pg_addrs"]["us"],
             json!("h:9")
         );
+    }
+
+    #[test]
+    fn coordinator_record_per_region_quic_addresses() {
+        // An old record (no quic_addrs) parses and falls back to quic_addr.
+        let old: CoordinatorRecord = decode(
+            "coordinator",
+            br#"{"name":"c1","admin_addr":"h:1","quic_addr":"h:2"}"#,
+        )
+        .unwrap();
+        assert!(old.quic_addrs.is_empty());
+        assert_eq!(old.quic_addr_for("eu"), "h:2");
+        let text = String::from_utf8(encode("coordinator", &old).unwrap()).unwrap();
+        assert!(!text.contains("quic_addrs"), "{text}");
+
+        let rec: CoordinatorRecord = serde_json::from_value(json!({"name":"c1",
+            "admin_addr":"h:1","quic_addr":"h:2",
+            "quic_addrs":{"eu":"h:7","us":"h:8","ap":""}}))
+        .unwrap();
+        assert_eq!(rec.quic_addr_for("eu"), "h:7");
+        assert_eq!(rec.quic_addr_for("us"), "h:8");
+        assert_eq!(rec.quic_addr_for("ap"), "h:2");
+        assert_eq!(rec.quic_addr_for("sa"), "h:2");
+        let back: CoordinatorRecord =
+            decode("coordinator", &encode("coordinator", &rec).unwrap()).unwrap();
+        assert_eq!(back, rec);
+    }
+
+    #[test]
+    fn locality_addrs_parse_and_reject_bad_items() {
+        let items = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(parse_locality_addrs(&[]).unwrap().is_empty());
+        let map = parse_locality_addrs(&items(&[" eu = 127.0.0.1:1 ", "", "us=[::1]:2"])).unwrap();
+        assert_eq!(
+            map,
+            BTreeMap::from([
+                ("eu".to_owned(), "127.0.0.1:1".to_owned()),
+                ("us".to_owned(), "[::1]:2".to_owned()),
+            ])
+        );
+        for (bad, want) in [
+            ("eu", "REGION=HOST:PORT"),
+            ("=h:1", "no region"),
+            ("eu=h", "not host:port"),
+            ("eu=:1", "not host:port"),
+            ("eu=h:port", "not host:port"),
+        ] {
+            let err = parse_locality_addrs(&items(&[bad])).unwrap_err();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+        let err = parse_locality_addrs(&items(&["eu=h:1", "eu=h:2"])).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
     }
 
     #[test]

@@ -272,6 +272,7 @@ impl FakeCoordinator {
             name: "coord".into(),
             admin_addr: "127.0.0.1:1".into(),
             quic_addr: addr.to_string(),
+            quic_addrs: Default::default(),
         };
         etcd.campaign(
             keys.coordinator_election(),

@@ -10,6 +10,14 @@
 //! from the rest of the cluster (every link of it cut) while a writer still
 //! reaches it directly on its real port.
 //!
+//! The coordinators sit in one region (`coordinator_region`, default the first)
+//! and the agents' QUIC traffic to them is delayed too: every node has its own
+//! [`UdpLink`] to each coordinator, delayed by the WAN delay between the node's
+//! region and the coordinators', and each coordinator advertises, per region R,
+//! the relay of R's node (`--advertise-quic-for R=ADDR`; a local cluster has one
+//! node per region, so the region's relay is its node's). So a partitioned node
+//! is also cut off from every coordinator, and no other node is.
+//!
 //! Dropping a `LocalCluster` kills everything it started (postmasters included,
 //! found through their `postmaster.pid`); [`LocalCluster::stop`] does the same
 //! gracefully.
@@ -33,7 +41,7 @@ use crate::process::{alive, signal, tail, Proc};
 use crate::redis_server::RedisServer;
 use crate::wait::eventually;
 use crate::wan::WanDelays;
-use crate::wanlink::{Link, LinkControl};
+use crate::wanlink::{Link, LinkControl, UdpLink};
 
 /// What to start.
 #[derive(Clone, Debug)]
@@ -55,6 +63,10 @@ pub struct ClusterSpec {
     /// Start a `redis-server` per region and give its URL to the region's agent
     /// (`--redis`). Default true.
     pub redis: bool,
+    /// The region the coordinators sit in: the agents' QUIC traffic to them is
+    /// delayed by the WAN delay between the agent's region and this one.
+    /// Default (`None`): the first region.
+    pub coordinator_region: Option<String>,
 }
 
 impl ClusterSpec {
@@ -71,7 +83,16 @@ impl ClusterSpec {
             ready_timeout: Duration::from_secs(90),
             wan_delays: WanDelays::none(),
             redis: true,
+            coordinator_region: None,
         }
+    }
+
+    /// The region the coordinators sit in: `coordinator_region`, else the first.
+    pub fn coordinator_region(&self) -> &str {
+        self.coordinator_region
+            .as_deref()
+            .or(self.regions.first().map(String::as_str))
+            .unwrap_or_default()
     }
 }
 
@@ -91,6 +112,10 @@ pub struct Node {
     pub region_links: BTreeMap<String, Link>,
     /// This node's agent reaches etcd through this link.
     pub etcd_link: Link,
+    /// This node's agent reaches each coordinator's QUIC port through its own
+    /// relay (coordinator name -> relay), delayed by the WAN delay between this
+    /// node's region and the coordinators'.
+    pub quic_links: BTreeMap<String, UdpLink>,
     agent_args: Vec<String>,
     agent: Option<Proc>,
 }
@@ -136,12 +161,16 @@ impl Node {
     }
 
     /// Cuts this node off: nobody reaches its Postgres through any of its
-    /// addresses (every region's link) and its agent loses etcd.
+    /// addresses (every region's link), its agent loses etcd and every
+    /// coordinator (its QUIC relays).
     pub fn partition(&self) {
         for link in self.links() {
             link.control().cut();
         }
         self.etcd_link.control().cut();
+        for relay in self.quic_links.values() {
+            relay.control().cut();
+        }
     }
 
     /// Restores every link [`partition`](Self::partition) cut.
@@ -150,12 +179,17 @@ impl Node {
             link.control().heal();
         }
         self.etcd_link.control().heal();
+        for relay in self.quic_links.values() {
+            relay.control().heal();
+        }
     }
 }
 
 /// One coordinator process.
 pub struct Coordinator {
     pub name: String,
+    /// Where it really listens for QUIC (agents reach it through their relays).
+    pub quic_addr: String,
     pub admin_addr: String,
     pub http_addr: String,
     args: Vec<String>,
@@ -218,6 +252,12 @@ impl LocalCluster {
         spec.wan_delays
             .check_regions(&spec.regions)
             .map_err(|e| anyhow::anyhow!("wan_delays: {e}"))?;
+        let coordinator_region = spec.coordinator_region().to_owned();
+        anyhow::ensure!(
+            spec.regions.contains(&coordinator_region),
+            "coordinator_region: unknown region {coordinator_region:?} (the cluster's regions: {})",
+            spec.regions.join(",")
+        );
         let bins = Binaries::locate()?;
         let dir = spec.dir.clone();
         std::fs::create_dir_all(dir.join("nodes"))
@@ -258,8 +298,27 @@ impl LocalCluster {
             logs,
         };
 
+        // Each node's relays to each coordinator, made before the coordinators
+        // start because they advertise them: region -> coordinator -> relay.
+        let mut quic_links: BTreeMap<String, BTreeMap<String, UdpLink>> = BTreeMap::new();
         for name in &coord_names {
-            cluster.spawn_coordinator(name)?;
+            let quic_addr = format!("127.0.0.1:{}", free_port()?);
+            let mut advertised = Vec::new();
+            for region in &spec.regions {
+                let delay = spec.wan_delays.get(region, &coordinator_region);
+                let relay = UdpLink::start(
+                    "127.0.0.1:0".parse()?,
+                    quic_addr.clone(),
+                    LinkControl::new(delay, Duration::ZERO),
+                )
+                .await?;
+                advertised.push(format!("{region}={}", relay.local_addr()));
+                quic_links
+                    .entry(region.clone())
+                    .or_default()
+                    .insert(name.clone(), relay);
+            }
+            cluster.spawn_coordinator(name, quic_addr, &advertised)?;
         }
         if spec.redis {
             for region in &spec.regions {
@@ -353,6 +412,7 @@ impl LocalCluster {
                 ingress,
                 region_links,
                 etcd_link,
+                quic_links: quic_links.remove(region).unwrap_or_default(),
                 agent_args: args,
                 agent: None,
             });
@@ -399,12 +459,18 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    fn spawn_coordinator(&mut self, name: &str) -> anyhow::Result<()> {
+    /// Starts a coordinator listening for QUIC on `quic_addr`; `advertised` are
+    /// its `--advertise-quic-for` values (`REGION=ADDR`).
+    fn spawn_coordinator(
+        &mut self,
+        name: &str,
+        quic_addr: String,
+        advertised: &[String],
+    ) -> anyhow::Result<()> {
         let admin_addr = format!("127.0.0.1:{}", free_port()?);
         let http_addr = format!("127.0.0.1:{}", free_port()?);
-        let quic_addr = format!("127.0.0.1:{}", free_port()?);
         let pki = PkiPaths::in_dir(&self.certs, name);
-        let args = vec![
+        let mut args = vec![
             s("--name"),
             s(name),
             s("--cluster"),
@@ -412,7 +478,7 @@ impl LocalCluster {
             s("--etcd"),
             self.etcd.client_url().to_owned(),
             s("--quic-listen"),
-            quic_addr,
+            quic_addr.clone(),
             s("--admin-listen"),
             admin_addr.clone(),
             s("--http-listen"),
@@ -424,8 +490,13 @@ impl LocalCluster {
             s("--key"),
             pki.key.to_string_lossy().into_owned(),
         ];
+        for item in advertised {
+            args.push(s("--advertise-quic-for"));
+            args.push(item.clone());
+        }
         self.coordinators.push(Coordinator {
             name: name.to_owned(),
+            quic_addr,
             admin_addr,
             http_addr,
             args,

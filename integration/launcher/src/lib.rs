@@ -2,7 +2,9 @@
 //! tests start the same thing through this crate. It spawns real processes on
 //! loopback with free ports (etcd, coordinators, one Postgres node with its agent,
 //! one pgproxy and one Redis per region, userspace WAN links in front of every
-//! node, one per region, delayed per region pair: [`wan::WanDelays`]),
+//! node, one per region, delayed per region pair: [`wan::WanDelays`], and
+//! delaying UDP relays for the agents' QUIC to the coordinators, which sit in
+//! the first region),
 //! waits until the cluster serves, and writes `DIR/cluster.json`
 //! ([`ClusterFile`]), the machine-readable description scripts and
 //! `meridianctl --dir DIR` rely on.
@@ -61,8 +63,9 @@ pub struct UpArgs {
     /// One-way delays between regions, applied in each direction by userspace
     /// links in front of every node (this kernel has no netem), as comma-separated
     /// REGION:REGION=DELAY, e.g. us-east:eu-west=40ms,us-east:us-west=35ms.
-    /// Symmetric; pairs not given and traffic within a region have none.
-    /// Default: none.
+    /// Symmetric; pairs not given and traffic within a region have none. The
+    /// agents' QUIC traffic to the coordinators, which sit in the first region,
+    /// is delayed the same way. Default: none.
     #[arg(long, value_name = "A:B=DELAY,...")]
     pub wan_delay: Option<String>,
     /// Start no Redis (by default one redis-server per region, given to the
@@ -109,8 +112,9 @@ async fn run_up(up: UpArgs) -> anyhow::Result<()> {
         println!("  no WAN delay between regions");
     } else {
         println!(
-            "  WAN delay (one-way, each direction): {}",
-            cluster.spec.wan_delays
+            "  WAN delay (one-way, each direction): {} (coordinators in {})",
+            cluster.spec.wan_delays,
+            cluster.spec.coordinator_region()
         );
     }
     for n in &cluster.nodes {
