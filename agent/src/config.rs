@@ -211,7 +211,7 @@ impl AgentConfig {
                 format!("{heartbeat_interval:?}: must be between 10ms and --lease-ttl"),
             ));
         }
-        let pg_addrs = parse_pg_addrs_for(&args.advertise_pg_addr_for)
+        let pg_addrs = meridian_shared::records::parse_locality_addrs(&args.advertise_pg_addr_for)
             .map_err(|m| invalid("advertise-pg-addr-for", m))?;
         let pg_addr = match args.advertise_pg_addr {
             Some(addr) => {
@@ -303,28 +303,6 @@ impl AgentConfig {
 fn is_host_port(addr: &str) -> bool {
     addr.rsplit_once(':')
         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-}
-
-/// Parses `REGION=HOST:PORT` items (blank items are skipped); a region given
-/// twice, an empty region or an address that is not `host:port` is an error.
-pub fn parse_pg_addrs_for(items: &[String]) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
-        let Some((region, addr)) = item.split_once('=') else {
-            return Err(format!("{item:?} is not REGION=HOST:PORT"));
-        };
-        let (region, addr) = (region.trim(), addr.trim());
-        if region.is_empty() {
-            return Err(format!("{item:?} has no region"));
-        }
-        if !is_host_port(addr) {
-            return Err(format!("{item:?}: {addr:?} is not host:port"));
-        }
-        if out.insert(region.to_owned(), addr.to_owned()).is_some() {
-            return Err(format!("region {region:?} given twice"));
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

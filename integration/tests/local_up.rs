@@ -221,6 +221,31 @@ async fn wan_delay_applies_per_region_pair_and_every_region_has_a_redis() {
     result.unwrap();
 }
 
+/// Waits until the standby at `dsn` streams from the sender port `link_port` (a region link).
+async fn streams_through(
+    dsn: &str,
+    link_port: &str,
+    within: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
+    eventually(within, what, || async {
+        let c = connect(dsn).await?;
+        let row = c
+            .query_one(
+                "SELECT status, sender_port::text FROM pg_stat_wal_receiver",
+                &[],
+            )
+            .await?;
+        let (status, port): (String, Option<String>) = (row.get(0), row.get(1));
+        anyhow::ensure!(
+            status == "streaming" && port.as_deref() == Some(link_port),
+            "{status} from port {port:?}"
+        );
+        Ok(())
+    })
+    .await
+}
+
 async fn wan_checks(cluster: &mut LocalCluster) -> anyhow::Result<()> {
     let east = cluster.node("us-east-1")?;
     let west = cluster.node("eu-west-1")?;
@@ -244,27 +269,11 @@ async fn wan_checks(cluster: &mut LocalCluster) -> anyhow::Result<()> {
         .1
         .to_owned();
     let west_dsn = west.direct_dsn("postgres");
-    eventually(
+    streams_through(
+        &west_dsn,
+        &link_port,
         Duration::from_secs(30),
         "eu-west-1 to stream through the eu-west link of us-east-1",
-        || {
-            let (dsn, want) = (west_dsn.clone(), link_port.clone());
-            async move {
-                let c = connect(&dsn).await?;
-                let row = c
-                    .query_one(
-                        "SELECT status, sender_port::text FROM pg_stat_wal_receiver",
-                        &[],
-                    )
-                    .await?;
-                let (status, port): (String, Option<String>) = (row.get(0), row.get(1));
-                anyhow::ensure!(
-                    status == "streaming" && port.as_deref() == Some(want.as_str()),
-                    "{status} from port {port:?}"
-                );
-                Ok(())
-            }
-        },
     )
     .await?;
 
@@ -457,27 +466,11 @@ async fn wan_checks(cluster: &mut LocalCluster) -> anyhow::Result<()> {
         .1
         .to_owned();
     let east_dsn = cluster.node("us-east-1")?.direct_dsn("postgres");
-    eventually(
+    streams_through(
+        &east_dsn,
+        &link_port,
         Duration::from_secs(60),
         "us-east-1 to rejoin through the us-east link of eu-west-1",
-        || {
-            let (dsn, want) = (east_dsn.clone(), link_port.clone());
-            async move {
-                let c = connect(&dsn).await?;
-                let row = c
-                    .query_one(
-                        "SELECT status, sender_port::text FROM pg_stat_wal_receiver",
-                        &[],
-                    )
-                    .await?;
-                let (status, port): (String, Option<String>) = (row.get(0), row.get(1));
-                anyhow::ensure!(
-                    status == "streaming" && port.as_deref() == Some(want.as_str()),
-                    "{status} from port {port:?}"
-                );
-                Ok(())
-            }
-        },
     )
     .await?;
     let us = connect(&cluster.proxy("us-east")?.dsn()).await?;

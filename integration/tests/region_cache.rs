@@ -30,6 +30,19 @@ async fn metric(admin_port: u16, name: &str, outcome: &str) -> f64 {
         .unwrap()
 }
 
+/// Waits until `sql` through `c` returns `expected` and the proxy counted a new cache hit
+/// (one more than when this was called).
+async fn wait_for_hit(admin_port: u16, c: &Client, sql: &str, expected: &str, what: &str) {
+    let hits = metric(admin_port, "cache_lookups", "hit").await;
+    eventually(Duration::from_secs(20), what, || async {
+        assert_eq!(simple_value(c, sql).await, expected);
+        anyhow::ensure!(metric(admin_port, "cache_lookups", "hit").await > hits);
+        Ok(())
+    })
+    .await
+    .unwrap();
+}
+
 async fn primary_lsn(primary: &Client) -> u64 {
     let row = primary
         .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
@@ -63,13 +76,7 @@ async fn fills_hits_invalidates_and_survives_redis_outages() {
 
     // The relation catalog of the database loads on first use; then a miss fills the entry
     // and the next lookup hits.
-    eventually(Duration::from_secs(15), "a cache hit", || async {
-        assert_eq!(simple_value(&c, CACHED).await, "1");
-        anyhow::ensure!(metric(proxy.admin_port, "cache_lookups", "hit").await >= 1.0);
-        Ok(())
-    })
-    .await
-    .unwrap();
+    wait_for_hit(proxy.admin_port, &c, CACHED, "1", "a cache hit").await;
     assert!(metric(proxy.admin_port, "cache_stores", "stored").await >= 1.0);
 
     // A change nobody announced: the cache keeps answering with the entry (proof that hits do
@@ -123,18 +130,14 @@ async fn fills_hits_invalidates_and_survives_redis_outages() {
     assert!(metric(proxy.admin_port, "cache_lookups", "stale").await > stale_before);
     // A new session (no history) gets the refilled entry from the cache.
     let other = proxy.connect("postgres", "").await.unwrap();
-    let hits = metric(proxy.admin_port, "cache_lookups", "hit").await;
-    eventually(
-        Duration::from_secs(10),
+    wait_for_hit(
+        proxy.admin_port,
+        &other,
+        CACHED,
+        "2",
         "a hit on the refilled entry",
-        || async {
-            assert_eq!(simple_value(&other, CACHED).await, "2");
-            anyhow::ensure!(metric(proxy.admin_port, "cache_lookups", "hit").await > hits);
-            Ok(())
-        },
     )
-    .await
-    .unwrap();
+    .await;
 
     // Redis frozen (SIGSTOP): every read still answers, none waits much longer than the
     // lookup timeout, and the failures are counted.
@@ -161,18 +164,14 @@ async fn fills_hits_invalidates_and_survives_redis_outages() {
         assert_eq!(simple_value(&c, CACHED).await, "2");
     }
     redis.start_again().await.unwrap();
-    let hits = metric(proxy.admin_port, "cache_lookups", "hit").await;
-    eventually(
-        Duration::from_secs(20),
+    wait_for_hit(
+        proxy.admin_port,
+        &other,
+        CACHED,
+        "2",
         "hits after Redis came back",
-        || async {
-            assert_eq!(simple_value(&other, CACHED).await, "2");
-            anyhow::ensure!(metric(proxy.admin_port, "cache_lookups", "hit").await > hits);
-            Ok(())
-        },
     )
-    .await
-    .unwrap();
+    .await;
 
     // Pipelined behind another read, a fill captures its own result, not its neighbour's.
     let second = "/* meridian:cache ttl=60s */ SELECT v * 10 FROM items WHERE k = 1";
@@ -181,18 +180,14 @@ async fn fills_hits_invalidates_and_survives_redis_outages() {
         simple_value(&c, second)
     );
     assert_eq!((a.as_str(), b.as_str()), ("42", "20"));
-    let hits = metric(proxy.admin_port, "cache_lookups", "hit").await;
-    eventually(
-        Duration::from_secs(10),
+    wait_for_hit(
+        proxy.admin_port,
+        &other,
+        second,
+        "20",
         "a hit on the pipelined fill",
-        || async {
-            assert_eq!(simple_value(&other, second).await, "20");
-            anyhow::ensure!(metric(proxy.admin_port, "cache_lookups", "hit").await > hits);
-            Ok(())
-        },
     )
-    .await
-    .unwrap();
+    .await;
 
     // The extended protocol: a prepared statement's executions are cached per parameter value.
     let by_key = c
