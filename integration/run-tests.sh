@@ -17,6 +17,14 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 say() { printf '\n==> %s\n' "$*"; }
+# Free disk space, printed after each step: a clean run needs several GB
+# (target/ and the images); when a CI machine runs out, the log shows where.
+disk() { df -h --output=avail . | tail -1 | tr -d ' '; }
+
+# A clean checkout gains nothing from incremental compilation, and its caches
+# roughly double target/ (export CARGO_INCREMENTAL=1 to keep them).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+say "free disk: $(disk)"
 
 # Debian packages and the postgres OS user (shared with local-up.sh).
 source integration/install-deps.sh
@@ -31,6 +39,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 # pgproxy, meridianctl), found next to the test binaries.
 say "cargo build --workspace --bins"
 cargo build --workspace --bins
+say "built; free disk: $(disk)"
 
 # Container images, then the tests (the testcontainers tests in
 # integration/tests/containers.rs run inside the normal test run and need the
@@ -42,9 +51,9 @@ step() { # name, command...
     say "$name"
     local start=$SECONDS
     if "$@"; then
-        printf '==> %s: ok (%d s)\n' "$name" $((SECONDS - start))
+        printf '==> %s: ok (%d s, %s free)\n' "$name" $((SECONDS - start)) "$(disk)"
     else
-        printf '==> %s: FAILED (status %d, %d s)\n' "$name" "$?" $((SECONDS - start)) >&2
+        printf '==> %s: FAILED (status %d, %d s, %s free)\n' "$name" "$?" $((SECONDS - start)) "$(disk)" >&2
         FAILED+=("$name")
     fi
 }
