@@ -8,7 +8,7 @@
 //! there; (c) `SET meridian.max_staleness` keeps reads off a replica that
 //! lags more than the bound. The regions are apart by the demo's one-way WAN
 //! delays (35, 40 and 70 ms); us-east, which holds the primary and no replica, reads
-//! from the nearest region's replica.
+//! from the nearest region's replica, and right after its own write from the primary.
 //!
 //! The programs must be built first (`cargo build --workspace --bins`).
 
@@ -42,7 +42,10 @@ async fn scenario(cluster: &LocalCluster) -> anyhow::Result<()> {
 
     let setup = connect(&west.dsn()).await?;
     setup
-        .batch_execute("CREATE TABLE ryw (id int PRIMARY KEY, v text NOT NULL)")
+        .batch_execute(
+            "CREATE TABLE ryw (id int PRIMARY KEY, v text NOT NULL); \
+             CREATE TABLE ryw_east (id int PRIMARY KEY, v text NOT NULL)",
+        )
         .await?;
     // Reads through us-west's proxy reach its replica once it is polled healthy.
     eventually(
@@ -83,6 +86,25 @@ async fn scenario(cluster: &LocalCluster) -> anyhow::Result<()> {
         anyhow::ensure!(
             p == west_replica.pg_port,
             "a us-east session read from port {p}, not the nearest replica"
+        );
+    }
+
+    // A us-east session that writes reads its row back from the primary at once: the
+    // primary is in its own region, nearer than any replica could be after catching up.
+    let primary = cluster.node("us-east-1")?;
+    let s = connect(&east.dsn()).await?;
+    for i in 1000..1010i32 {
+        s.batch_execute(&format!("INSERT INTO ryw_east VALUES ({i}, 'e{i}')"))
+            .await?;
+        let row = value(
+            &s,
+            &format!("SELECT inet_server_port() || ':' || v FROM ryw_east WHERE id = {i}"),
+        )
+        .await?;
+        let want = format!("{}:e{i}", primary.pg_port);
+        anyhow::ensure!(
+            row.as_deref() == Some(&*want),
+            "us-east read after its write: {row:?}, want {want} (the local primary)"
         );
     }
 

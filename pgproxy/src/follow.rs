@@ -315,6 +315,7 @@ pub fn topology_from(
         primary: leader
             .filter(|l| l.is_serving())
             .map(|l| Arc::from(leader_addr_for(l, members, &p.region))),
+        primary_region: leader.map(|l| l.region.clone()),
         replicas,
         epoch: leader.map_or(0, |l| l.epoch.0),
         state,

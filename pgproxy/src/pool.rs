@@ -320,6 +320,7 @@ mod tests {
     fn topo(primary: Option<&str>, epoch: u64, state: LeaderView) -> Topology {
         Topology {
             primary: primary.map(Arc::from),
+            primary_region: None,
             replicas: vec![Backend {
                 addr: Arc::from("r:1"),
                 region: String::new(),

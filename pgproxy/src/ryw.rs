@@ -100,24 +100,34 @@ pub fn fits(need: &Need, obs: Option<&Observed>) -> Fit {
 pub enum RywStep {
     /// The local candidate with this index.
     Local(usize),
-    /// The remote candidate with this index.
-    Remote(usize),
+    /// The candidate beside the primary with this index.
+    BesidePrimary(usize),
     /// Wait at most this long for the tracker to advance, then decide again.
     Wait(Duration),
     Primary,
 }
 
-/// The routing decision of a read that has a [`Need`]. `local` are the usable
-/// replicas of the proxy's region, `remote` the others. A fitting local
-/// replica wins; else the read waits (while `waited < ryw_wait`) for a local
-/// replica that may still catch up; else a fitting remote replica (a WAN
-/// round trip, as the primary would cost); else, with no local replica at
-/// all, it waits for a remote one; else the primary. `salt` spreads sessions
-/// over equally good replicas.
+/// The replicas a read with a [`Need`] may go to, as seen from the proxy's region.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Candidates<'a> {
+    /// Usable replicas of the proxy's own region.
+    pub local: &'a [Option<Observed>],
+    /// Usable replicas of the primary's region, when that is another region: exactly as
+    /// near as the primary. Replicas of third regions are never chosen: they may be
+    /// farther than the primary, and the primary never makes a read wait.
+    pub beside_primary: &'a [Option<Observed>],
+    /// Whether the primary is in the proxy's region (then it is as near as a local replica).
+    pub primary_local: bool,
+}
+
+/// The routing decision of a read that has a [`Need`]. A fitting local replica wins;
+/// else, when the primary is local too, the primary (no wait can beat it); else the read
+/// waits (while `waited < ryw_wait`) for a local replica that may still catch up; else a
+/// fitting replica beside the primary (sparing the primary a read at the same distance);
+/// else the primary. `salt` spreads sessions over equally good replicas.
 pub fn ryw_target(
     need: &Need,
-    local: &[Option<Observed>],
-    remote: &[Option<Observed>],
+    c: &Candidates<'_>,
     salt: u64,
     waited: Duration,
     ryw_wait: Duration,
@@ -128,22 +138,24 @@ pub fn ryw_target(
             .collect();
         (!ok.is_empty()).then(|| ok[(salt % ok.len() as u64) as usize])
     };
-    let may_catch_up =
-        |set: &[Option<Observed>]| set.iter().any(|o| fits(need, o.as_ref()) == Fit::NotYet);
-    let remaining = ryw_wait.saturating_sub(waited);
-    if let Some(i) = pick(local) {
+    if let Some(i) = pick(c.local) {
         return RywStep::Local(i);
     }
-    if !remaining.is_zero() && may_catch_up(local) {
+    if c.primary_local {
+        return RywStep::Primary;
+    }
+    let remaining = ryw_wait.saturating_sub(waited);
+    let may_catch_up = c
+        .local
+        .iter()
+        .any(|o| fits(need, o.as_ref()) == Fit::NotYet);
+    if !remaining.is_zero() && may_catch_up {
         return RywStep::Wait(remaining);
     }
-    if let Some(i) = pick(remote) {
-        return RywStep::Remote(i);
+    match pick(c.beside_primary) {
+        Some(i) => RywStep::BesidePrimary(i),
+        None => RywStep::Primary,
     }
-    if !remaining.is_zero() && local.is_empty() && may_catch_up(remote) {
-        return RywStep::Wait(remaining);
-    }
-    RywStep::Primary
 }
 
 /// Whether `analysis`, run on the primary, ends with data committed: a
@@ -377,84 +389,146 @@ mod tests {
         assert_eq!(fits(&both, obs(40, 500).as_ref()), Fit::Never);
     }
 
+    fn local(local: &[Option<Observed>]) -> Candidates<'_> {
+        Candidates {
+            local,
+            ..Candidates::default()
+        }
+    }
+
     #[test]
     fn local_replica_that_caught_up_is_used_at_once() {
         let wait = MS * 200;
-        let step = ryw_target(&need(10), &[obs(10, 0)], &[], 0, Duration::ZERO, wait);
+        let step = ryw_target(&need(10), &local(&[obs(10, 0)]), 0, Duration::ZERO, wait);
         assert_eq!(step, RywStep::Local(0));
         // Among several fitting local replicas the salt chooses.
-        let step = ryw_target(
-            &need(10),
-            &[obs(5, 0), obs(12, 0), obs(20, 0)],
-            &[],
-            1,
-            Duration::ZERO,
-            wait,
-        );
+        let set = [obs(5, 0), obs(12, 0), obs(20, 0)];
+        let step = ryw_target(&need(10), &local(&set), 1, Duration::ZERO, wait);
         assert_eq!(step, RywStep::Local(2));
+        // Even when the primary is local too.
+        let c = Candidates {
+            primary_local: true,
+            ..local(&set)
+        };
+        assert_eq!(
+            ryw_target(&need(10), &c, 1, Duration::ZERO, wait),
+            RywStep::Local(2)
+        );
     }
 
     #[test]
-    fn lagging_local_replica_is_waited_for_then_remote_then_primary() {
+    fn lagging_local_replica_is_waited_for_then_one_beside_the_primary_then_the_primary() {
         let wait = MS * 200;
         let n = need(10);
-        // Local behind, remote caught up: wait for the local one first.
+        let (behind, caught_up) = ([obs(5, 0)], [obs(10, 0)]);
+        let c = Candidates {
+            local: &behind,
+            beside_primary: &caught_up,
+            primary_local: false,
+        };
+        // Local behind, the primary's region caught up: wait for the local one first.
         assert_eq!(
-            ryw_target(&n, &[obs(5, 0)], &[obs(10, 0)], 0, MS * 50, wait),
+            ryw_target(&n, &c, 0, MS * 50, wait),
             RywStep::Wait(MS * 150)
         );
-        // The wait ran out: the remote replica that fits.
-        assert_eq!(
-            ryw_target(&n, &[obs(5, 0)], &[obs(10, 0)], 0, wait, wait),
-            RywStep::Remote(0)
-        );
+        // The wait ran out: the replica beside the primary, as near as the primary.
+        assert_eq!(ryw_target(&n, &c, 0, wait, wait), RywStep::BesidePrimary(0));
         // Nobody fits after the wait: the primary.
-        assert_eq!(
-            ryw_target(&n, &[obs(5, 0)], &[obs(9, 0)], 0, MS * 201, wait),
-            RywStep::Primary
-        );
+        let also_behind = [obs(9, 0)];
+        let c = Candidates {
+            beside_primary: &also_behind,
+            ..c
+        };
+        assert_eq!(ryw_target(&n, &c, 0, MS * 201, wait), RywStep::Primary);
         // ryw_wait = 0: never wait.
         assert_eq!(
-            ryw_target(&n, &[obs(5, 0)], &[], 0, Duration::ZERO, Duration::ZERO),
+            ryw_target(&n, &local(&behind), 0, Duration::ZERO, Duration::ZERO),
             RywStep::Primary
         );
-        // No local replica: wait for a remote one.
-        assert_eq!(
-            ryw_target(&n, &[], &[obs(5, 0)], 0, Duration::ZERO, wait),
-            RywStep::Wait(wait)
-        );
         // A local replica that is down is not waited for.
-        let down = Some(Observed {
+        let down = [Some(Observed {
             ok: false,
             replay_lsn: None,
             lag: None,
-        });
+        })];
         assert_eq!(
-            ryw_target(&n, &[down], &[], 0, Duration::ZERO, wait),
+            ryw_target(&n, &local(&down), 0, Duration::ZERO, wait),
             RywStep::Primary
         );
     }
 
     #[test]
-    fn staleness_bound_chooses_another_replica_or_the_primary_without_waiting() {
+    fn a_local_primary_is_read_at_once_instead_of_waiting() {
+        let wait = MS * 200;
+        // The primary's own region: its replica lags, the primary is as near.
+        let behind = [obs(5, 0)];
+        let c = Candidates {
+            local: &behind,
+            primary_local: true,
+            ..Candidates::default()
+        };
+        assert_eq!(
+            ryw_target(&need(10), &c, 0, Duration::ZERO, wait),
+            RywStep::Primary
+        );
+        // No replica of its own: the primary, never a wait for a replica across the WAN.
+        let c = Candidates {
+            primary_local: true,
+            ..Candidates::default()
+        };
+        assert_eq!(
+            ryw_target(&need(10), &c, 0, Duration::ZERO, wait),
+            RywStep::Primary
+        );
+    }
+
+    #[test]
+    fn without_a_local_replica_the_primary_is_not_waited_against() {
+        let wait = MS * 200;
+        // No replica in this region, the primary's region lags: the primary at once.
+        let behind = [obs(5, 0)];
+        let c = Candidates {
+            beside_primary: &behind,
+            ..Candidates::default()
+        };
+        assert_eq!(
+            ryw_target(&need(10), &c, 0, Duration::ZERO, wait),
+            RywStep::Primary
+        );
+        let caught_up = [obs(10, 0)];
+        let c = Candidates {
+            beside_primary: &caught_up,
+            ..Candidates::default()
+        };
+        assert_eq!(
+            ryw_target(&need(10), &c, 0, Duration::ZERO, wait),
+            RywStep::BesidePrimary(0)
+        );
+    }
+
+    #[test]
+    fn staleness_bound_chooses_a_replica_beside_the_primary_or_the_primary_without_waiting() {
         let wait = MS * 200;
         let n = Need {
             lsn: None,
             max_staleness: Some(MS * 1000),
         };
+        let (lagging, fresh, stale) = ([obs(1, 5000)], [obs(1, 10)], [obs(1, 3000)]);
+        let c = Candidates {
+            local: &lagging,
+            beside_primary: &fresh,
+            primary_local: false,
+        };
         assert_eq!(
-            ryw_target(&n, &[obs(1, 5000)], &[obs(1, 10)], 0, Duration::ZERO, wait),
-            RywStep::Remote(0)
+            ryw_target(&n, &c, 0, Duration::ZERO, wait),
+            RywStep::BesidePrimary(0)
         );
+        let c = Candidates {
+            beside_primary: &stale,
+            ..c
+        };
         assert_eq!(
-            ryw_target(
-                &n,
-                &[obs(1, 5000)],
-                &[obs(1, 3000)],
-                0,
-                Duration::ZERO,
-                wait
-            ),
+            ryw_target(&n, &c, 0, Duration::ZERO, wait),
             RywStep::Primary
         );
     }

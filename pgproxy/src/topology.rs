@@ -64,6 +64,8 @@ impl Backend {
 pub struct Topology {
     /// Where writes go; `None` while no serving leader is known.
     pub primary: Option<Arc<str>>,
+    /// The primary's region, when known (from etcd's `leader`; a static topology has none).
+    pub primary_region: Option<String>,
     pub replicas: Vec<Backend>,
     /// Fencing epoch of the current leader (0 with a static topology).
     pub epoch: u64,
@@ -83,6 +85,7 @@ impl Topology {
     pub fn from_config(cfg: &ProxyConfig) -> Topology {
         Topology {
             primary: cfg.backends.primary.as_deref().map(Arc::from),
+            primary_region: None,
             replicas: cfg
                 .backends
                 .replicas
