@@ -6,6 +6,9 @@
 #   pgbouncer            PgBouncer (Debian package), pool_mode = transaction
 #   haproxy              HAProxy (Debian package), mode tcp to the primary
 #   pgbouncer-session    PgBouncer, pool_mode = session (opt-in via --targets)
+#   pgproxy-session-1t, pgproxy-transaction-1t
+#                        meridian-pgproxy with --worker-threads 1 (a single-
+#                        threaded runtime instead of one thread per CPU; opt-in)
 # in simple and extended protocol at 1/8/32/64 clients, several rounds, and
 # prints a markdown table (median tps, best tps, median average latency, ratio
 # of median tps to direct's median in the same mode and client count).
@@ -40,7 +43,7 @@ clients="1 8 32 64"
 rounds=3
 modes="simple extended"
 targets="direct pgproxy-session pgproxy-transaction pgbouncer haproxy"
-all_targets="direct pgproxy-session pgproxy-transaction pgbouncer pgbouncer-session haproxy"
+all_targets="direct pgproxy-session pgproxy-transaction pgbouncer pgbouncer-session haproxy pgproxy-session-1t pgproxy-transaction-1t"
 scale=10
 tx_pool_size=20
 bin_dir=""
@@ -131,7 +134,8 @@ psql_bin="$pg_bin/psql"
 [ -x "$psql_bin" ] || psql_bin="$(command -v psql)"
 
 pgproxy=""
-if has_target pgproxy-session || has_target pgproxy-transaction; then
+pgproxy_targets="pgproxy-session pgproxy-transaction pgproxy-session-1t pgproxy-transaction-1t"
+if [ -n "$(for t in $pgproxy_targets; do has_target "$t" && echo "$t"; done)" ]; then
     if [ -n "$bin_dir" ]; then
         pgproxy="$bin_dir/meridian-pgproxy"
     elif [ -x "$repo_root/target/release/meridian-pgproxy" ]; then
@@ -307,15 +311,16 @@ declare -A port_of admin_of read_port_of
 port_of[direct]="$primary_port"
 session_pool=$((max_clients + 8))
 
-start_pgproxy() {
-    local name="$1" mode="$2" pool="$3" port admin
+start_pgproxy() { # name, pool mode, pool size, worker threads
+    local name="$1" mode="$2" pool="$3" threads="$4" port admin
     port="$(free_port)"
     admin="$(free_port)"
-    say "$name: $pgproxy --pool-mode $mode --pool-size $pool on 127.0.0.1:$port"
+    say "$name: $pgproxy --pool-mode $mode --pool-size $pool --worker-threads $threads on 127.0.0.1:$port"
     spawn "$work/$name.log" env RUST_LOG="${RUST_LOG:-warn}" "$pgproxy" \
         --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
         --primary "127.0.0.1:$primary_port" --replica "127.0.0.1:$replica_port" \
-        --auth trust --pool-mode "$mode" --pool-size "$pool" --max-clients 300
+        --auth trust --pool-mode "$mode" --pool-size "$pool" --max-clients 300 \
+        --worker-threads "$threads"
     port_of[$name]="$port"
     admin_of[$name]="$admin"
     wait_sql "$port" "$name" "$work/$name.log"
@@ -387,8 +392,10 @@ EOF
 for t in $targets; do
     case "$t" in
     direct) ;;
-    pgproxy-session) start_pgproxy "$t" session "$session_pool" ;;
-    pgproxy-transaction) start_pgproxy "$t" transaction "$tx_pool_size" ;;
+    pgproxy-session) start_pgproxy "$t" session "$session_pool" 0 ;;
+    pgproxy-transaction) start_pgproxy "$t" transaction "$tx_pool_size" 0 ;;
+    pgproxy-session-1t) start_pgproxy "$t" session "$session_pool" 1 ;;
+    pgproxy-transaction-1t) start_pgproxy "$t" transaction "$tx_pool_size" 1 ;;
     pgbouncer) start_pgbouncer "$t" transaction "$tx_pool_size" ;;
     pgbouncer-session) start_pgbouncer "$t" session "$session_pool" ;;
     haproxy) start_haproxy ;;
@@ -396,7 +403,7 @@ for t in $targets; do
 done
 
 # Where does a read through pgproxy run? (stated in the report)
-for t in pgproxy-session pgproxy-transaction; do
+for t in $pgproxy_targets; do
     if has_target "$t"; then
         read_port_of[$t]="$(sql "${port_of[$t]}" "select inet_server_port()" bench 2>/dev/null || echo '?')"
     fi
@@ -507,8 +514,8 @@ report() {
     echo "- $rounds round(s) over the whole matrix, interleaved (every target runs back to back for each client count and protocol); tps is the median over rounds (best also shown), latency is the median of the rounds' average latencies; \"vs direct\" = median tps / direct's median tps for the same protocol and clients."
     echo "- Machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM; load average at start: $load_start, at end: $(cut -d' ' -f1-3 /proc/loadavg); 1-minute load before each run: $(load_summary)."
     echo "- PostgreSQL: $pg_version; primary + 1 streaming replica on the same machine, fsync off, shared_buffers 256MB, max_connections 300."
-    [ -n "$pgproxy" ] && echo "- meridian-pgproxy: \`$pgproxy\` ($pgproxy_build build; git $git_rev); session mode --pool-size $session_pool, transaction mode --pool-size $tx_pool_size. **pgproxy routes the read-only pgbench -S queries to the replica** (primary port $primary_port, replica port $replica_port); every other target reads from the primary."
-    for t in pgproxy-session pgproxy-transaction; do
+    [ -n "$pgproxy" ] && echo "- meridian-pgproxy: \`$pgproxy\` ($pgproxy_build build; git $git_rev); session mode --pool-size $session_pool, transaction mode --pool-size $tx_pool_size; one runtime thread per CPU (\`--worker-threads 0\`, the default), the \`-1t\` targets a single-threaded runtime (\`--worker-threads 1\`). **pgproxy routes the read-only pgbench -S queries to the replica** (primary port $primary_port, replica port $replica_port); every other target reads from the primary."
+    for t in $pgproxy_targets; do
         has_target "$t" || continue
         echo "  - $t: a probe \`select inet_server_port()\` ran on port ${read_port_of[$t]}; counters after the runs: \`$(pgproxy_metrics "$t")\`"
     done

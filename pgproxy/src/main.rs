@@ -100,6 +100,10 @@ struct Args {
     /// Longest a cache lookup may take before the read runs uncached [default: 20ms].
     #[arg(long, env = "MERIDIAN_PGPROXY_CACHE_TIMEOUT", value_parser = humantime::parse_duration)]
     cache_timeout: Option<Duration>,
+    /// Threads of the async runtime; 0 = one per CPU, 1 = a single-threaded runtime
+    /// [default: 0].
+    #[arg(long, env = "MERIDIAN_PGPROXY_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -194,13 +198,15 @@ impl Args {
         if let Some(v) = self.cache_timeout {
             cfg.cache.timeout = v;
         }
+        if let Some(v) = self.worker_threads {
+            cfg.worker_threads = v;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     meridian_shared::telemetry::init();
     let args = Args::parse();
     let cfg = args.effective()?;
@@ -208,6 +214,22 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
+    let mut runtime = match cfg.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if cfg.worker_threads > 1 {
+        runtime.worker_threads(cfg.worker_threads);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args, cfg))
+}
+
+/// Binds, starts the etcd follower (if any) and runs until SIGTERM/SIGINT.
+async fn serve(args: Args, cfg: ProxyConfig) -> anyhow::Result<()> {
     if cfg.backends.primary.is_none() && !cfg.etcd.enabled() {
         anyhow::bail!("no primary configured: pass --primary HOST:PORT or --etcd URL, or set backends.primary or etcd.endpoints in the config file");
     }

@@ -32,6 +32,11 @@ pub struct ProxyConfig {
     /// How long SIGTERM waits for running transactions before closing. Default `30s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_drain: Duration,
+    /// Threads of the proxy's async runtime. Default 0: one per CPU. 1 runs everything on
+    /// one thread, like PgBouncer (no cross-thread wake-ups; a sidecar with a one-core CPU
+    /// limit gains nothing from more). On the 2-core benchmark machine neither setting was
+    /// measurably faster (docs/benchmarks.md). Read at start only (SIGHUP does not change it).
+    pub worker_threads: usize,
     /// Static topology (used when no etcd is configured).
     pub backends: BackendsConfig,
     /// Follow the leader in etcd instead of a static topology.
@@ -61,6 +66,7 @@ impl Default for ProxyConfig {
             max_message_size: 1 << 30,
             max_startup_packet: 10_000,
             shutdown_drain: Duration::from_secs(30),
+            worker_threads: 0,
             backends: BackendsConfig::default(),
             etcd: EtcdConfig::default(),
             pool: PoolConfig::default(),
@@ -392,6 +398,12 @@ impl ProxyConfig {
     /// Checks the whole configuration once; errors name the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_addr("listen", &self.listen)?;
+        if self.worker_threads > 1024 {
+            return Err(ConfigError::invalid(
+                "worker_threads",
+                "must be at most 1024 (0 means one per CPU)",
+            ));
+        }
         if !self.admin_listen.is_empty() {
             check_addr("admin_listen", &self.admin_listen)?;
         }
