@@ -389,6 +389,11 @@ mod tests {
         assert_eq!(fits(&both, obs(40, 500).as_ref()), Fit::Never);
     }
 
+    /// The decision for `need(10)` before any wait, with the default 200 ms `ryw_wait`.
+    fn at_once(c: &Candidates<'_>) -> RywStep {
+        ryw_target(&need(10), c, 0, Duration::ZERO, MS * 200)
+    }
+
     fn local(local: &[Option<Observed>]) -> Candidates<'_> {
         Candidates {
             local,
@@ -459,7 +464,6 @@ mod tests {
 
     #[test]
     fn a_local_primary_is_read_at_once_instead_of_waiting() {
-        let wait = MS * 200;
         // The primary's own region: its replica lags, the primary is as near.
         let behind = [obs(5, 0)];
         let c = Candidates {
@@ -467,43 +471,30 @@ mod tests {
             primary_local: true,
             ..Candidates::default()
         };
-        assert_eq!(
-            ryw_target(&need(10), &c, 0, Duration::ZERO, wait),
-            RywStep::Primary
-        );
+        assert_eq!(at_once(&c), RywStep::Primary);
         // No replica of its own: the primary, never a wait for a replica across the WAN.
         let c = Candidates {
             primary_local: true,
             ..Candidates::default()
         };
-        assert_eq!(
-            ryw_target(&need(10), &c, 0, Duration::ZERO, wait),
-            RywStep::Primary
-        );
+        assert_eq!(at_once(&c), RywStep::Primary);
     }
 
     #[test]
     fn without_a_local_replica_the_primary_is_not_waited_against() {
-        let wait = MS * 200;
         // No replica in this region, the primary's region lags: the primary at once.
         let behind = [obs(5, 0)];
         let c = Candidates {
             beside_primary: &behind,
             ..Candidates::default()
         };
-        assert_eq!(
-            ryw_target(&need(10), &c, 0, Duration::ZERO, wait),
-            RywStep::Primary
-        );
+        assert_eq!(at_once(&c), RywStep::Primary);
         let caught_up = [obs(10, 0)];
         let c = Candidates {
             beside_primary: &caught_up,
             ..Candidates::default()
         };
-        assert_eq!(
-            ryw_target(&need(10), &c, 0, Duration::ZERO, wait),
-            RywStep::BesidePrimary(0)
-        );
+        assert_eq!(at_once(&c), RywStep::BesidePrimary(0));
     }
 
     #[test]

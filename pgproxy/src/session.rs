@@ -1439,24 +1439,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let started = Instant::now();
         let mut guard = None;
         loop {
-            let (local, beside, primary_local) = {
-                let topo = self.shared.topology.borrow();
-                let primary_region = topo.primary_region.as_deref();
-                let in_region = |region: Option<&str>| -> Vec<Arc<str>> {
-                    topo.replicas
-                        .iter()
-                        .filter(|b| b.usable() && Some(b.region.as_str()) == region)
-                        .map(|b| b.addr.clone())
-                        .collect()
-                };
-                let primary_local = primary_region == Some(cfg.region.as_str());
-                let beside = if primary_local {
-                    Vec::new()
-                } else {
-                    in_region(primary_region)
-                };
-                (in_region(Some(&cfg.region)), beside, primary_local)
-            };
+            let candidates = self.shared.topology.borrow().ryw_candidates(&cfg.region);
             let obs = |v: &[Arc<str>]| -> Vec<Option<ryw::Observed>> {
                 v.iter().map(|a| table.observed(a)).collect()
             };
@@ -1465,21 +1448,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             } else {
                 cfg.routing.ryw_wait
             };
-            let (local_obs, beside_obs) = (obs(&local), obs(&beside));
+            let (local_obs, beside_obs) = (obs(&candidates.local), obs(&candidates.beside_primary));
             let step = ryw::ryw_target(
                 &need,
                 &ryw::Candidates {
                     local: &local_obs,
                     beside_primary: &beside_obs,
-                    primary_local,
+                    primary_local: candidates.primary_local,
                 },
                 self.salt,
                 waited,
                 cfg.routing.ryw_wait,
             );
             let addr = match step {
-                RywStep::Local(i) => local.get(i).cloned(),
-                RywStep::BesidePrimary(i) => beside.get(i).cloned(),
+                RywStep::Local(i) => candidates.local.get(i).cloned(),
+                RywStep::BesidePrimary(i) => candidates.beside_primary.get(i).cloned(),
                 RywStep::Wait(remaining) => {
                     guard.get_or_insert_with(|| table.wait_guard());
                     tokio::select! {

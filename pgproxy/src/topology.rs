@@ -59,6 +59,14 @@ impl Backend {
     }
 }
 
+/// The addresses [`Topology::ryw_candidates`] offers a read-your-writes read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RywCandidates {
+    pub local: Vec<Arc<str>>,
+    pub beside_primary: Vec<Arc<str>>,
+    pub primary_local: bool,
+}
+
 /// A snapshot of the cluster as the proxy should use it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Topology {
@@ -113,6 +121,30 @@ impl Topology {
     /// The fencing epoch a new primary connection must carry, if any.
     pub fn fence_epoch(&self) -> Option<u64> {
         self.checks_epoch().then_some(self.epoch)
+    }
+
+    /// Where a read-your-writes read from `region` may go (see `ryw::Candidates`): the
+    /// usable replicas of `region`, those of the primary's region when that is another
+    /// one, and whether the primary is in `region`.
+    pub fn ryw_candidates(&self, region: &str) -> RywCandidates {
+        let primary_region = self.primary_region.as_deref();
+        let in_region = |r: Option<&str>| -> Vec<Arc<str>> {
+            self.replicas
+                .iter()
+                .filter(|b| b.usable() && Some(b.region.as_str()) == r)
+                .map(|b| b.addr.clone())
+                .collect()
+        };
+        let primary_local = primary_region == Some(region);
+        RywCandidates {
+            local: in_region(Some(region)),
+            beside_primary: if primary_local {
+                Vec::new()
+            } else {
+                in_region(primary_region)
+            },
+            primary_local,
+        }
     }
 
     /// The replica to read from: a usable one in `region`, else the nearest usable one in
@@ -293,5 +325,37 @@ mod tests {
             ..t
         };
         assert_eq!(etcd.fence_epoch(), Some(7));
+    }
+
+    #[test]
+    fn ryw_candidates_are_the_local_replicas_and_those_beside_the_primary() {
+        let t = Topology {
+            primary_region: Some("us-east".into()),
+            replicas: vec![
+                b("w:1", "us-west", ReplicaState::Ok),
+                b("w:2", "us-west", ReplicaState::Down),
+                b("e:1", "us-east", ReplicaState::Ok),
+                b("eu:1", "eu-west", ReplicaState::Ok),
+            ],
+            ..Default::default()
+        };
+        let addrs = |v: &[Arc<str>]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let west = t.ryw_candidates("us-west");
+        assert_eq!(addrs(&west.local), ["w:1"]);
+        assert_eq!(addrs(&west.beside_primary), ["e:1"]);
+        assert!(!west.primary_local);
+        // In the primary's region its replicas are local, none is "beside" it.
+        let east = t.ryw_candidates("us-east");
+        assert_eq!(addrs(&east.local), ["e:1"]);
+        assert!(east.beside_primary.is_empty());
+        assert!(east.primary_local);
+        // Unknown primary region (static topology): only local replicas.
+        let stat = Topology {
+            primary_region: None,
+            ..t
+        };
+        let c = stat.ryw_candidates("us-west");
+        assert_eq!(addrs(&c.local), ["w:1"]);
+        assert!(c.beside_primary.is_empty() && !c.primary_local);
     }
 }

@@ -142,12 +142,21 @@ impl MemberRecord {
     /// The address to dial this node's PostgreSQL at from `region`: its
     /// `pg_addrs` entry for that region, else `pg_addr`.
     pub fn pg_addr_for(&self, region: &str) -> &str {
-        self.pg_addrs
-            .get(region)
-            .map(String::as_str)
-            .filter(|a| !a.is_empty())
-            .unwrap_or(&self.pg_addr)
+        addr_for(&self.pg_addrs, region, &self.pg_addr)
     }
+}
+
+/// `region`'s non-empty entry of a per-locality address map, else `default`.
+fn addr_for<'a>(
+    per_region: &'a BTreeMap<String, String>,
+    region: &str,
+    default: &'a str,
+) -> &'a str {
+    per_region
+        .get(region)
+        .map(String::as_str)
+        .filter(|a| !a.is_empty())
+        .unwrap_or(default)
 }
 
 /// The `proxies/<id>` key, written by each pgproxy on its lease.
@@ -178,11 +187,7 @@ impl CoordinatorRecord {
     /// The address an agent of `region` dials: its `quic_addrs` entry for that
     /// region, else `quic_addr`.
     pub fn quic_addr_for(&self, region: &str) -> &str {
-        self.quic_addrs
-            .get(region)
-            .map(String::as_str)
-            .filter(|a| !a.is_empty())
-            .unwrap_or(&self.quic_addr)
+        addr_for(&self.quic_addrs, region, &self.quic_addr)
     }
 }
 
