@@ -5,7 +5,9 @@
 # it; the script exits non-zero on the first failed step (after healing any
 # partition it made).
 #
-#   1. meridianctl status: a serving primary and two streaming replicas
+#   1. meridianctl status: a serving primary and two streaming replicas; us-west
+#      and eu-west reach the control plane (etcd, coordinators) only through
+#      their WAN links, with the link's delay
 #   2. write in eu-west through its proxy, read it back there (from the local replica)
 #   3. docker kill the primary's node (us-east on a fresh demo): failover to
 #      another node, load generators recover; their error counts are shown
@@ -206,6 +208,40 @@ wait_until 120 "the replicas of $PRIMARY streaming on its timeline" cluster_is "
 EPOCH="$(leader_epoch "$LAST_STATUS")"
 show_status
 say "  primary: $PRIMARY (epoch $EPOCH)"
+
+# ---------------------------------------------------------------- 1b. control plane over the WAN
+step "us-west and eu-west reach the control plane only across the WAN (it lives in us-east)"
+# One-way delay of a region's link to etcd-1, as its WAN link container was started with.
+control_delay_ms() {
+  local c links d; c="$(cid "wan-$1")" || return 1
+  links="$(docker inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$c" | sed -n 's/^MERIDIAN_WANLINK_LINKS=//p')"
+  d="$(tr ',' '\n' <<<"$links" | sed -n 's/^0\.0\.0\.0:23791=etcd-1:2379@\([0-9]*\)ms$/\1/p')"
+  [ -n "$d" ] && echo "$d"
+}
+# "<ms> <status line>" of one etcd /health request from the region's proxy container.
+control_round_trip() {
+  local c; c="$(cid "pgproxy-$1")" || return 1
+  docker exec "$c" bash -c 'exec 3<>/dev/tcp/control-plane/23791 || exit 1
+    s=$(date +%s%N); printf "GET /health HTTP/1.0\r\nHost: etcd\r\n\r\n" >&3
+    IFS= read -r -t 5 line <&3 || exit 1; e=$(date +%s%N)
+    echo "$(( (e - s) / 1000000 )) ${line%$'"'"'\r'"'"'}"'
+}
+for r in us-west eu-west; do
+  expect "pgproxy-$r resolves control-plane but not etcd-1 (it is not on the control network)"
+  docker exec "$(cid "pgproxy-$r")" getent hosts control-plane >/dev/null 2>&1 \
+    || fail "pgproxy-$r cannot resolve control-plane (its WAN link container)"
+  if docker exec "$(cid "pgproxy-$r")" getent hosts etcd-1 >/dev/null 2>&1; then
+    fail "pgproxy-$r reaches etcd-1 directly: the control plane would not cross the WAN"
+  fi
+  ok "etcd-1 is not visible from $r"
+  D="$(control_delay_ms "$r")" || fail "cannot read the etcd link delay of wan-$r"
+  expect "an etcd /health round trip from $r through control-plane takes at least 2 x ${D} ms"
+  RT="$(control_round_trip "$r")" || fail "no answer from etcd through wan-$r"
+  MS="${RT%% *}"
+  case "$RT" in *" 2"[0-9][0-9]*) ;; *) fail "etcd through wan-$r answered: $RT" ;; esac
+  [ "$MS" -ge $((2 * D)) ] || fail "etcd round trip from $r took $MS ms, less than 2 x $D ms: not delayed"
+  ok "$r -> etcd round trip $MS ms (${RT#* })"
+done
 
 # ---------------------------------------------------------------- 2. write + read in eu-west
 step "write in eu-west through its pgproxy and read it back there"

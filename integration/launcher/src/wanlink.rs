@@ -232,7 +232,8 @@ pub struct UdpLink {
 
 impl UdpLink {
     /// Listens on `listen` (port 0 = any) and relays to `target` (`host:port`,
-    /// resolved once, now).
+    /// resolved for each new client mapping, so a target that is not up yet or
+    /// comes back under another address is found again, as a TCP [`Link`] does).
     pub async fn start(
         listen: SocketAddr,
         target: String,
@@ -248,15 +249,6 @@ impl UdpLink {
         control: LinkControl,
         idle: Duration,
     ) -> std::io::Result<UdpLink> {
-        let target = tokio::net::lookup_host(&target)
-            .await?
-            .next()
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("{target} resolves to nothing"),
-                )
-            })?;
         let socket = Arc::new(UdpSocket::bind(listen).await?);
         let local = socket.local_addr()?;
         let stats = Arc::new(UdpStats::default());
@@ -315,7 +307,7 @@ fn touch(seen: &Mutex<Instant>) {
 /// The listening side: sorts datagrams by client, opens mappings, expires idle ones.
 async fn relay_udp(
     socket: Arc<UdpSocket>,
-    target: SocketAddr,
+    target: String,
     ctl: LinkControl,
     stats: Arc<UdpStats>,
     idle: Duration,
@@ -337,13 +329,13 @@ async fn relay_udp(
                 let m = match clients.entry(from) {
                     Entry::Occupied(e) => e.into_mut(),
                     Entry::Vacant(e) => {
-                        match open_mapping(from, &socket, target, &ctl, &stats).await {
+                        match open_mapping(from, &socket, &target, &ctl, &stats).await {
                             Ok((m, task)) => {
                                 mappings.spawn(task);
                                 e.insert(m)
                             }
                             Err(e) => {
-                                tracing::debug!(%target, error = %e, "udp link: cannot open an upstream socket");
+                                tracing::warn!(%target, error = %e, "udp link: cannot reach the target; datagram dropped");
                                 continue;
                             }
                         }
@@ -371,10 +363,19 @@ async fn relay_udp(
 async fn open_mapping(
     client: SocketAddr,
     listen: &Arc<UdpSocket>,
-    target: SocketAddr,
+    target: &str,
     ctl: &LinkControl,
     stats: &Arc<UdpStats>,
 ) -> std::io::Result<(Mapping, impl std::future::Future<Output = ()>)> {
+    let target = tokio::net::lookup_host(target)
+        .await?
+        .next()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{target} resolves to nothing"),
+            )
+        })?;
     let bind: SocketAddr = if target.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -658,6 +659,24 @@ mod tests {
             recv_within(&c, Duration::from_secs(5)).await.as_deref(),
             Some(&b"c"[..])
         );
+    }
+
+    #[tokio::test]
+    async fn a_udp_link_starts_before_its_target_resolves_and_drops_until_it_does() {
+        // The target is resolved per new client mapping (a compose service may
+        // start after the relay): an unresolvable one fails no start.
+        let ctl = LinkControl::new(Duration::ZERO, Duration::ZERO);
+        let link = UdpLink::start(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:not-a-port".to_owned(),
+            ctl,
+        )
+        .await
+        .unwrap();
+        let c = udp_client(&link).await;
+        c.send(b"lost").await.unwrap();
+        assert_eq!(recv_within(&c, Duration::from_millis(300)).await, None);
+        assert_eq!((link.clients(), link.delivered()), (0, 0));
     }
 
     #[tokio::test]
