@@ -348,7 +348,7 @@ async fn follows_the_leader_fences_a_wrong_epoch_and_registers_itself() {
     );
 
     // Losing etcd for longer than the lease TTL stops writes; reads go on.
-    etcd.pause().unwrap();
+    etcd.pause();
     proxy
         .wait_topology("no primary after losing etcd", |t| {
             t.state == LeaderView::Unknown && t.primary.is_none()
@@ -360,7 +360,7 @@ async fn follows_the_leader_fences_a_wrong_epoch_and_registers_itself() {
         .expect_err("no writes without etcd");
     assert_eq!(err.code().map(|c| c.code()), Some("08006"), "{err:?}");
     reads_reach_the_replica(&c, replica).await;
-    etcd.resume().unwrap();
+    etcd.resume();
     proxy
         .wait_topology("the leader back after etcd returns", |t| {
             t.state == LeaderView::Serving && t.primary.is_some()

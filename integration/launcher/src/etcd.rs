@@ -1,13 +1,16 @@
 //! A single-member etcd (Debian's `etcd-server`, 3.4) on loopback ports, for a
-//! local cluster or a test.
+//! local cluster or a test. Killed (by PID) when dropped; tests can freeze it
+//! with [`Etcd::pause`] (SIGSTOP: connections hang, nothing is answered) and
+//! [`Etcd::resume`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use nix::sys::signal::Signal;
 
 use crate::ports::free_ports;
-use crate::process::Proc;
+use crate::process::{signal, Proc};
 use crate::wait::eventually;
 
 /// The etcd program: `MERIDIAN_ETCD_BIN`, else `/usr/bin/etcd`.
@@ -86,8 +89,28 @@ impl Etcd {
         self.client_url.trim_start_matches("http://")
     }
 
+    /// The client endpoints, as a list for `etcd_client::Client::connect`.
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.client_url.clone()]
+    }
+
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// The last `lines` lines of etcd's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.proc.log_tail(lines)
+    }
+
+    /// Freezes the process (SIGSTOP): connections hang, nothing is answered.
+    pub fn pause(&self) {
+        signal(self.proc.pid(), Signal::SIGSTOP);
+    }
+
+    /// Continues a paused process (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.proc.pid(), Signal::SIGCONT);
     }
 
     pub async fn client(&self) -> anyhow::Result<etcd_client::Client> {
