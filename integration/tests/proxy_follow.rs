@@ -4,115 +4,21 @@
 //! `leader` and `members/` records the coordinator and the agents would write,
 //! and plays the agent's part on the nodes (`meridian.epoch`, promotion).
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::Proxy;
 use meridian_integration::etcd::EtcdServer;
 use meridian_integration::{eventually, PgCluster, PgNode, StopMode};
 use meridian_pgproxy::etcd_client::Client as EtcdClient;
-use meridian_pgproxy::follow::{self, Follower};
-use meridian_pgproxy::topology::{LeaderView, Topology};
-use meridian_pgproxy::{run, Listeners};
+use meridian_pgproxy::topology::LeaderView;
 use meridian_shared::config::{AuthMethod, ProxyConfig};
 use meridian_shared::epoch::Epoch;
 use meridian_shared::keys::Keys;
 use meridian_shared::records::{
     self, LeaderRecord, LeaderState, MemberRecord, MemberTags, NodeRef, ProxyRecord, Role,
 };
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio_postgres::NoTls;
-
-/// A proxy running in-process with its etcd follower; stopped on drop.
-struct Proxy {
-    port: u16,
-    admin_port: u16,
-    follower: Option<Follower>,
-    stop: watch::Sender<bool>,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-    }
-}
-
-impl Proxy {
-    async fn start(mut cfg: ProxyConfig) -> Proxy {
-        meridian_shared::telemetry::init();
-        let clients = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = clients.local_addr().unwrap().port();
-        let admin_port = admin.local_addr().unwrap().port();
-        cfg.listen = format!("127.0.0.1:{port}");
-        cfg.admin_listen = format!("127.0.0.1:{admin_port}");
-        cfg.shutdown_drain = Duration::from_secs(1);
-        cfg.validate().unwrap();
-        let follower = follow::spawn(&cfg).unwrap();
-        let topo_rx = follower.topology.clone();
-        let replicas = follower.replicas.clone();
-        let (stop, stop_rx) = watch::channel(false);
-        let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg));
-        tokio::spawn(async move {
-            let _keep_cfg = cfg_tx;
-            if let Err(e) = run(
-                cfg_rx,
-                Listeners {
-                    clients,
-                    admin: Some(admin),
-                },
-                topo_rx,
-                Some(replicas),
-                stop_rx,
-            )
-            .await
-            {
-                panic!("proxy failed: {e}");
-            }
-        });
-        Proxy {
-            port,
-            admin_port,
-            follower: Some(follower),
-            stop,
-        }
-    }
-
-    async fn connect(&self) -> tokio_postgres::Client {
-        let dsn = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
-        );
-        let (client, conn) = tokio_postgres::connect(&dsn, NoTls).await.unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        client
-    }
-
-    fn topology(&self) -> Arc<Topology> {
-        self.follower.as_ref().unwrap().topology.borrow().clone()
-    }
-
-    /// Graceful stop: the proxy stops and revokes its registration.
-    async fn stop(mut self) {
-        let _ = self.stop.send(true);
-        if let Some(f) = self.follower.take() {
-            f.stop().await;
-        }
-    }
-
-    /// Waits until the published topology satisfies `f`.
-    async fn wait_topology(&self, what: &str, f: impl Fn(&Topology) -> bool) {
-        eventually(Duration::from_secs(15), what, || async {
-            let t = self.topology();
-            anyhow::ensure!(f(&t), "topology is {t:?}");
-            Ok(())
-        })
-        .await
-        .unwrap();
-    }
-}
 
 fn proxy_config(etcd: &EtcdServer, cluster: &str, hold: Duration) -> ProxyConfig {
     let mut cfg = ProxyConfig {
@@ -256,7 +162,8 @@ async fn follows_the_leader_fences_a_wrong_epoch_and_registers_itself() {
     )
     .await;
 
-    let proxy = Proxy::start(proxy_config(&etcd, "follow1", Duration::from_secs(1))).await;
+    let proxy =
+        Proxy::start_following(proxy_config(&etcd, "follow1", Duration::from_secs(1))).await;
 
     // (d) The proxy registers itself on its lease.
     let rec = eventually(Duration::from_secs(10), "proxies/<id>", || {
@@ -280,7 +187,7 @@ async fn follows_the_leader_fences_a_wrong_epoch_and_registers_itself() {
             t.state == LeaderView::Serving && t.epoch == 1 && t.has_usable_replica()
         })
         .await;
-    let c = proxy.connect().await;
+    let c = proxy.connect("postgres", "").await.unwrap();
     c.batch_execute("CREATE TABLE f (id int primary key)")
         .await
         .unwrap();
@@ -419,11 +326,11 @@ async fn a_write_held_during_failover_completes_on_the_new_primary() {
     put_leader(&mut ec, &keys, &leader("n0", old, 1, LeaderState::Serving)).await;
 
     let hold = Duration::from_secs(20);
-    let proxy = Proxy::start(proxy_config(&etcd, "follow2", hold)).await;
+    let proxy = Proxy::start_following(proxy_config(&etcd, "follow2", hold)).await;
     proxy
         .wait_topology("a serving primary", |t| t.primary.is_some())
         .await;
-    let c = proxy.connect().await;
+    let c = proxy.connect("postgres", "").await.unwrap();
     c.batch_execute(
         "CREATE TABLE g (id int primary key, v text); INSERT INTO g VALUES (1, 'before')",
     )
@@ -505,7 +412,7 @@ async fn a_write_held_during_failover_completes_on_the_new_primary() {
     assert_eq!(metric(&body, "meridian_pgproxy_topology_epoch"), 2.0);
 
     // A serving primary that refuses connections (restarting) also holds writes.
-    let c = proxy.connect().await;
+    let c = proxy.connect("postgres", "").await.unwrap();
     new.stop(StopMode::Fast).await.unwrap();
     let mut held_write =
         tokio::spawn(async move { c.batch_execute("INSERT INTO g VALUES (3, 'restart')").await });

@@ -1,6 +1,7 @@
 //! Helpers shared by the proxy's end-to-end test files (`proxy_e2e.rs`,
-//! `client_compat.rs`): a meridian-pgproxy running in-process in front of a
-//! [`PgCluster`], its static trust configuration, waits on replication and on
+//! `client_compat.rs`, `region_cache.rs`, `proxy_follow.rs`): a meridian-pgproxy
+//! running in-process in front of a [`PgCluster`] (static topology, or following
+//! etcd), its static trust configuration, waits on replication and on
 //! `pg_stat_activity`, and the `psql` binary.
 //!
 //! Each test binary compiles this module on its own and uses only part of it,
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_integration::{eventually, PgCluster};
+use meridian_pgproxy::follow::{self, Follower};
 use meridian_pgproxy::topology::Topology;
 use meridian_pgproxy::{run, Listeners};
 use meridian_shared::config::{AuthMethod, ProxyConfig, ReplicaConfig};
@@ -19,10 +21,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_postgres::NoTls;
 
-/// A proxy running in-process on free ports; stopped on drop.
+/// A proxy running in-process on free ports, with a static topology or
+/// following the leader in etcd; stopped on drop.
 pub struct Proxy {
     pub port: u16,
     pub admin_port: u16,
+    topology: watch::Receiver<Arc<Topology>>,
+    follower: Option<Follower>,
     stop: watch::Sender<bool>,
 }
 
@@ -33,7 +38,18 @@ impl Drop for Proxy {
 }
 
 impl Proxy {
-    pub async fn start(mut cfg: ProxyConfig) -> Proxy {
+    /// A proxy with the static topology of `cfg` (its backends).
+    pub async fn start(cfg: ProxyConfig) -> Proxy {
+        Proxy::launch(cfg, false).await
+    }
+
+    /// A proxy whose topology follows the leader in etcd (`cfg.etcd`), with its
+    /// follower (replica polls, its `proxies/<id>` registration).
+    pub async fn start_following(cfg: ProxyConfig) -> Proxy {
+        Proxy::launch(cfg, true).await
+    }
+
+    async fn launch(mut cfg: ProxyConfig, follow_etcd: bool) -> Proxy {
         meridian_shared::telemetry::init();
         let clients = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -42,12 +58,20 @@ impl Proxy {
         cfg.listen = format!("127.0.0.1:{port}");
         cfg.admin_listen = format!("127.0.0.1:{admin_port}");
         cfg.shutdown_drain = Duration::from_secs(1);
-        let (topo_tx, topo_rx) = watch::channel(Arc::new(Topology::from_config(&cfg)));
+        let (topology, replicas, follower, static_topology) = if follow_etcd {
+            cfg.validate().unwrap();
+            let f = follow::spawn(&cfg).unwrap();
+            (f.topology.clone(), Some(f.replicas.clone()), Some(f), None)
+        } else {
+            let (tx, rx) = watch::channel(Arc::new(Topology::from_config(&cfg)));
+            (rx, None, None, Some(tx))
+        };
+        let topo_rx = topology.clone();
         let (stop, stop_rx) = watch::channel(false);
         let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg));
         tokio::spawn(async move {
             // The senders must outlive the proxy: a closed watch would end its loops.
-            let _keep_topology = topo_tx;
+            let _keep_topology = static_topology;
             let _keep_config = cfg_tx;
             if let Err(e) = run(
                 cfg_rx,
@@ -56,7 +80,7 @@ impl Proxy {
                     admin: Some(admin),
                 },
                 topo_rx,
-                None,
+                replicas,
                 stop_rx,
             )
             .await
@@ -67,7 +91,34 @@ impl Proxy {
         Proxy {
             port,
             admin_port,
+            topology,
+            follower,
             stop,
+        }
+    }
+
+    /// The topology the proxy routes by right now.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.topology.borrow().clone()
+    }
+
+    /// Waits until the topology satisfies `f`.
+    pub async fn wait_topology(&self, what: &str, f: impl Fn(&Topology) -> bool) {
+        eventually(Duration::from_secs(15), what, || async {
+            let t = self.topology();
+            anyhow::ensure!(f(&t), "topology is {t:?}");
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Graceful stop: the proxy stops and its follower, if any, revokes the
+    /// proxy's registration.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(f) = self.follower.take() {
+            f.stop().await;
         }
     }
 
