@@ -341,6 +341,30 @@ async fn wan_checks(cluster: &mut LocalCluster) -> anyhow::Result<()> {
     )
     .await?;
 
+    // etcd sits with the coordinators: eu-west's agent and proxy reach it
+    // through links with the pair's delay, us-east's without delay.
+    assert_eq!(west.etcd_link.control().state().delay, PAIR);
+    assert_eq!(east.etcd_link.control().state().delay, Duration::ZERO);
+    let eu_etcd = &cluster.proxy("eu-west")?.etcd_link;
+    assert_eq!(eu_etcd.control().state().delay, PAIR);
+    assert_eq!(
+        cluster.proxy("us-east")?.etcd_link.control().state().delay,
+        Duration::ZERO
+    );
+    let url = format!("http://{}", eu_etcd.local_addr());
+    let mut via_link = meridian_pgproxy::etcd_client::Client::connect([url.as_str()], None).await?;
+    let mut fastest_get = Duration::MAX;
+    for _ in 0..3 {
+        let started = Instant::now();
+        via_link.get(cluster.keys.leader(), None).await?;
+        fastest_get = fastest_get.min(started.elapsed());
+    }
+    assert!(
+        fastest_get >= PAIR * 2,
+        "an etcd get through eu-west's proxy link took {fastest_get:?} < {:?}",
+        PAIR * 2
+    );
+
     let eu = connect(&cluster.proxy("eu-west")?.dsn()).await?;
     // Reads in a session that never writes (after a write, read-your-writes
     // would rightly make a read wait for the replica to replay it).

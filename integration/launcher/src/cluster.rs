@@ -8,7 +8,9 @@
 //! one, so proxies and standbys of region R dial the node through R's link. Each
 //! agent reaches etcd through its own link, so a test can partition one node
 //! from the rest of the cluster (every link of it cut) while a writer still
-//! reaches it directly on its real port.
+//! reaches it directly on its real port. etcd sits with the coordinators (see
+//! below): an agent's etcd link, and the link each region's proxy reaches etcd
+//! through, carry the WAN delay between their region and the coordinators'.
 //!
 //! The coordinators sit in one region (`coordinator_region`, default the first)
 //! and the agents' QUIC traffic to them is delayed too: every node has its own
@@ -207,6 +209,9 @@ pub struct Proxy {
     pub region: String,
     pub port: u16,
     pub admin_addr: String,
+    /// The proxy's way to etcd (delayed like its region's traffic to the
+    /// coordinators' region).
+    pub etcd_link: Link,
     proc: Option<Proc>,
 }
 
@@ -354,7 +359,10 @@ impl LocalCluster {
             let etcd_link = Link::start(
                 "127.0.0.1:0".parse()?,
                 cluster.etcd.client_addr().to_owned(),
-                LinkControl::new(Duration::ZERO, Duration::ZERO),
+                LinkControl::new(
+                    spec.wan_delays.get(region, &coordinator_region),
+                    Duration::ZERO,
+                ),
             )
             .await?;
             let pki = PkiPaths::in_dir(&cluster.certs, &name);
@@ -438,7 +446,7 @@ impl LocalCluster {
                 .map_err(|e| cluster.explain(e))?;
         }
         for region in spec.regions.clone() {
-            cluster.spawn_proxy(&region)?;
+            cluster.spawn_proxy(&region).await?;
         }
         for i in 0..cluster.proxies.len() {
             let dsn = cluster.proxies[i].dsn();
@@ -522,9 +530,20 @@ impl LocalCluster {
         Ok(pid)
     }
 
-    fn spawn_proxy(&mut self, region: &str) -> anyhow::Result<()> {
+    async fn spawn_proxy(&mut self, region: &str) -> anyhow::Result<()> {
         let port = free_port()?;
         let admin_addr = format!("127.0.0.1:{}", free_port()?);
+        let etcd_link = Link::start(
+            "127.0.0.1:0".parse()?,
+            self.etcd.client_addr().to_owned(),
+            LinkControl::new(
+                self.spec
+                    .wan_delays
+                    .get(region, self.spec.coordinator_region()),
+                Duration::ZERO,
+            ),
+        )
+        .await?;
         let args = vec![
             s("--listen"),
             format!("127.0.0.1:{port}"),
@@ -533,7 +552,7 @@ impl LocalCluster {
             s("--auth"),
             s("trust"),
             s("--etcd"),
-            self.etcd.client_url().to_owned(),
+            format!("http://{}", etcd_link.local_addr()),
             s("--cluster"),
             self.spec.cluster.clone(),
             s("--region"),
@@ -556,6 +575,7 @@ impl LocalCluster {
             region: region.to_owned(),
             port,
             admin_addr,
+            etcd_link,
             proc: Some(proc),
         });
         Ok(())
