@@ -6,10 +6,15 @@
 //! commits missing on the new primary. Repeated `--runs` times on
 //! one cluster (after each run the old primary rejoins, then the current
 //! primary is killed), in async and in synchronous mode. Prints a table.
+//! `--wan-delay` puts the regions that far apart (the launcher's WAN links:
+//! Postgres, etcd and QUIC traffic between regions; the coordinators and etcd
+//! sit in the first region); without it there is no delay.
 //!
 //! ```text
 //! cargo build --workspace --bins --release
 //! MERIDIAN_BIN_DIR=target/release target/release/failover-rto --runs 10
+//! MERIDIAN_BIN_DIR=target/release target/release/failover-rto --runs 10 \
+//!     --wan-delay us-east:us-west=35ms,us-east:eu-west=40ms,us-west:eu-west=70ms
 //! ```
 
 use std::collections::BTreeSet;
@@ -18,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use meridian_launcher::{connect, ClusterSpec, LocalCluster};
+use meridian_launcher::{connect, ClusterSpec, LocalCluster, WanDelays};
 use meridian_shared::records::{ClusterConfig, SyncMode};
 
 #[derive(Parser, Debug)]
@@ -30,6 +35,10 @@ struct Args {
     /// Modes to measure: async, sync (comma-separated).
     #[arg(long, default_value = "async,sync", value_delimiter = ',')]
     modes: Vec<String>,
+    /// One-way delays between regions, `A:B=DELAY,...` (regions us-east,
+    /// us-west, eu-west); default none.
+    #[arg(long, default_value = "")]
+    wan_delay: String,
 }
 
 const REGIONS: [&str; 3] = ["us-east", "us-west", "eu-west"];
@@ -138,6 +147,8 @@ fn ms(d: Duration) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let wan_delays = WanDelays::parse(&args.wan_delay, &REGIONS.map(String::from))
+        .map_err(|e| anyhow::anyhow!(e))?;
     println!("| mode | runs | RTO min (ms) | RTO median (ms) | RTO max (ms) | acked commits lost (total) |");
     println!("|---|---|---|---|---|---|");
     for mode in &args.modes {
@@ -148,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let dir = tempfile::Builder::new().prefix("meridian-rto-").tempdir()?;
         let mut spec = ClusterSpec::new(dir.path(), &REGIONS);
+        spec.wan_delays = wan_delays.clone();
         spec.config = Some(ClusterConfig {
             sync_mode,
             ..ClusterConfig::default()
