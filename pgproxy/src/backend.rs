@@ -128,13 +128,46 @@ pub struct BackendConn {
 impl BackendConn {
     /// Opens, secures and authenticates a connection.
     pub async fn connect(p: &ConnectParams) -> Result<BackendConn, BackendError> {
-        match tokio::time::timeout(p.connect_timeout, Self::connect_inner(p)).await {
+        match tokio::time::timeout(p.connect_timeout, Self::connect_inner(p, None)).await {
+            Ok(r) => r.map(|(conn, _)| conn),
+            Err(_) => Err(BackendError::Timeout(p.addr.to_string())),
+        }
+    }
+
+    /// Opens a connection and runs `sql` (simple protocol) on it, all within
+    /// `connect_timeout`. The query is pipelined behind the last message of the
+    /// authentication exchange (the startup packet when no password is
+    /// configured, the password, or the SCRAM client-final message), so it costs
+    /// no round trip of its own: a server that refuses the login closes the
+    /// connection without running it. Used for the fencing check of every new
+    /// primary connection, where a round trip is worth saving (a failover across
+    /// a WAN pays it on the critical path).
+    pub async fn connect_and_query(
+        p: &ConnectParams,
+        sql: &str,
+    ) -> Result<(BackendConn, Vec<Vec<Option<String>>>), BackendError> {
+        let connected = tokio::time::timeout(p.connect_timeout, async {
+            let (mut conn, pipelined) = Self::connect_inner(p, Some(sql)).await?;
+            let rows = if pipelined {
+                conn.read_simple_result().await?
+            } else {
+                conn.simple_query(sql).await?
+            };
+            Ok((conn, rows))
+        })
+        .await;
+        match connected {
             Ok(r) => r,
             Err(_) => Err(BackendError::Timeout(p.addr.to_string())),
         }
     }
 
-    async fn connect_inner(p: &ConnectParams) -> Result<BackendConn, BackendError> {
+    /// Connects and logs in; `pipeline` is queued behind the last authentication
+    /// message when the exchange allows it (the flag says whether it was sent).
+    async fn connect_inner(
+        p: &ConnectParams,
+        pipeline: Option<&str>,
+    ) -> Result<(BackendConn, bool), BackendError> {
         let tcp = TcpStream::connect(&*p.addr)
             .await
             .map_err(|source| BackendError::Connect {
@@ -161,8 +194,16 @@ impl BackendConn {
             fence_epoch: None,
             max_message: p.max_message,
         };
-        conn.startup(p).await?;
-        Ok(conn)
+        let mut pending = pipeline;
+        conn.startup(p, &mut pending).await?;
+        Ok((conn, pipeline.is_some() && pending.is_none()))
+    }
+
+    /// Queues the pipelined query, if still pending, behind what `wbuf` holds.
+    fn queue_pipelined(&mut self, pending: &mut Option<&str>) {
+        if let Some(sql) = pending.take() {
+            self.queue(&wire::encode_query(sql).raw);
+        }
     }
 
     async fn negotiate_tls(
@@ -198,7 +239,14 @@ impl BackendConn {
         }
     }
 
-    async fn startup(&mut self, p: &ConnectParams) -> Result<(), BackendError> {
+    /// The startup and authentication exchange. `pending` (a query to pipeline)
+    /// is sent behind the message after which the server needs nothing more
+    /// from us to log in, and taken when sent.
+    async fn startup(
+        &mut self,
+        p: &ConnectParams,
+        pending: &mut Option<&str>,
+    ) -> Result<(), BackendError> {
         frontend::startup_message(
             [
                 ("user", p.user.as_str()),
@@ -208,6 +256,11 @@ impl BackendConn {
             ],
             &mut self.wbuf,
         )?;
+        // Without a password the server must let us in as we are (trust), or
+        // the login fails anyway: nothing more will be sent before the query.
+        if p.password.is_none() {
+            self.queue_pipelined(pending);
+        }
         self.flush().await?;
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -217,6 +270,7 @@ impl BackendConn {
                 backend::Message::AuthenticationCleartextPassword => {
                     let pw = Self::password(p)?;
                     frontend::password_message(pw.as_bytes(), &mut self.wbuf)?;
+                    self.queue_pipelined(pending);
                     self.flush().await?;
                 }
                 backend::Message::AuthenticationMd5Password(body) => {
@@ -227,6 +281,7 @@ impl BackendConn {
                         body.salt(),
                     );
                     frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
+                    self.queue_pipelined(pending);
                     self.flush().await?;
                 }
                 backend::Message::AuthenticationSasl(body) => {
@@ -256,7 +311,10 @@ impl BackendConn {
                         .ok_or_else(|| BackendError::Protocol("SASLContinue before SASL".into()))?;
                     s.update(body.data())
                         .map_err(|e| BackendError::Auth(e.to_string()))?;
+                    // The client-final message: what follows is the server's
+                    // verdict (SASLFinal + AuthenticationOk, or an error).
                     frontend::sasl_response(s.message(), &mut self.wbuf)?;
+                    self.queue_pipelined(pending);
                     self.flush().await?;
                 }
                 backend::Message::AuthenticationSaslFinal(body) => {
@@ -394,6 +452,12 @@ impl BackendConn {
     ) -> Result<Vec<Vec<Option<String>>>, BackendError> {
         self.queue(&wire::encode_query(sql).raw);
         self.flush().await?;
+        self.read_simple_result().await
+    }
+
+    /// Reads the answer to a simple query already sent: its rows (text), or
+    /// the error it raised, once its `ReadyForQuery` has arrived.
+    async fn read_simple_result(&mut self) -> Result<Vec<Vec<Option<String>>>, BackendError> {
         let mut rows = Vec::new();
         let mut error = None;
         loop {

@@ -14,7 +14,9 @@
 //! Proxy-side fencing: a pool for the primary of an etcd topology is keyed by
 //! the leader's epoch, and every new connection in it must answer
 //! `pg_is_in_recovery() = false` and `meridian.epoch = <epoch>` before it is
-//! used; anything else is closed and reported as [`BackendError::Fenced`].
+//! used; anything else is closed and reported as [`BackendError::Fenced`]. The
+//! check is pipelined behind the login, so a new primary connection costs no
+//! extra round trip (which a failover across a WAN would pay).
 //! A new leader or epoch therefore always gets fresh pools; the old ones are
 //! dropped by [`Pools::retain_topology`].
 
@@ -61,17 +63,12 @@ pub struct Manager {
 
 impl Manager {
     async fn connect_checked(&self) -> Result<BackendConn, BackendError> {
-        let mut conn = BackendConn::connect(&self.params).await?;
         let Some(epoch) = self.fence else {
-            return Ok(conn);
+            return BackendConn::connect(&self.params).await;
         };
-        let rows =
-            match tokio::time::timeout(self.params.connect_timeout, conn.simple_query(FENCE_QUERY))
-                .await
-            {
-                Ok(r) => r?,
-                Err(_) => return Err(BackendError::Timeout(self.params.addr.to_string())),
-            };
+        // The check rides behind the login (no round trip of its own); nothing
+        // but this SELECT runs before its verdict.
+        let (mut conn, rows) = BackendConn::connect_and_query(&self.params, FENCE_QUERY).await?;
         let row = rows.first();
         let in_recovery = row
             .and_then(|r| r.first().cloned().flatten())
