@@ -24,6 +24,11 @@ use meridian_shared::records::MemberTags;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "meridian-agent", version, about, long_about)]
 pub struct Args {
+    /// TOML file of these settings, keys named like the flags (`data-dir =
+    /// "/var/lib/meridian/data"`, `etcd = ["http://etcd-1:2379"]`, `bootstrap =
+    /// true`); a flag or its environment variable overrides the file.
+    #[arg(long, env = "MERIDIAN_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Node name, unique in the cluster (also its replication slot, with `-` → `_`).
     #[arg(long, env = "MERIDIAN_AGENT_NAME")]
     pub name: String,
@@ -330,6 +335,39 @@ mod tests {
         argv.extend_from_slice(extra);
         let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
         AgentConfig::from_args(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_config_file_carries_the_settings_and_flags_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "name = \"n2\"\nregion = \"eu-west\"\netcd = [\"http://e1:2379\", \"http://e2:2379\"]\n\
+             data-dir = \"/var/lib/m\"\npg-port = 5434\nlease-ttl = \"5s\"\nbootstrap = true\n\
+             advertise-pg-addr-for = [\"us-east=wan:5434\"]\n\
+             ca = \"ca.pem\"\ncert = \"n2.pem\"\nkey = \"n2-key.pem\"\n",
+        )
+        .unwrap();
+        let from_file = |extra: &[&str]| {
+            let mut argv = vec!["meridian-agent", "--config", path.to_str().unwrap()];
+            argv.extend_from_slice(extra);
+            let argv = meridian_shared::flag_file::expand::<Args>(
+                argv.into_iter().map(Into::into).collect(),
+                |_| None,
+            )
+            .unwrap();
+            AgentConfig::from_args(Args::try_parse_from(argv).unwrap()).unwrap()
+        };
+        let c = from_file(&[]);
+        assert_eq!((c.name.as_str(), c.region.as_str()), ("n2", "eu-west"));
+        assert_eq!(c.etcd, ["http://e1:2379", "http://e2:2379"]);
+        assert_eq!(c.pg_port, 5434);
+        assert_eq!(c.lease_ttl, Duration::from_secs(5));
+        assert!(c.bootstrap);
+        let c = from_file(&["--pg-port", "5999", "--name", "n3"]);
+        assert_eq!((c.pg_port, c.name.as_str()), (5999, "n3"));
+        assert_eq!(c.region, "eu-west");
     }
 
     #[test]

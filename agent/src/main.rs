@@ -1,9 +1,9 @@
-//! `meridian-agent`: parses the command line, initialises telemetry and runs the
-//! agent until SIGTERM or SIGINT (see `meridian_agent::config::Args`).
+//! `meridian-agent`: parses the command line (over the `--config` file, if
+//! any), initialises telemetry and runs the agent until SIGTERM or SIGINT (see
+//! `meridian_agent::config::Args`).
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use meridian_agent::config::{AgentConfig, Args};
 
 async fn shutdown_signal() {
@@ -23,7 +23,7 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = meridian_shared::flag_file::parse();
     meridian_shared::telemetry::init();
     let cfg = match AgentConfig::from_args(args) {
         Ok(cfg) => cfg,

@@ -1,5 +1,5 @@
-//! `meridian-coordinator`: parses the command line (flags, or environment
-//! variables `MERIDIAN_COORDINATOR_<FLAG>`), initialises telemetry, binds the
+//! `meridian-coordinator`: parses the command line (flags, environment
+//! variables `MERIDIAN_COORDINATOR_<FLAG>`, then the `--config` file), initialises telemetry, binds the
 //! QUIC endpoint, connects to etcd and runs the decision loop
 //! ([`meridian_coordinator::daemon::run`]) next to the admin API and the HTTP
 //! server until SIGTERM or SIGINT, which resigns the election and exits 0.
@@ -22,6 +22,11 @@ use tokio::sync::watch;
 #[derive(Debug, Parser)]
 #[command(name = "meridian-coordinator", version)]
 struct Args {
+    /// TOML file of these settings, keys named like the flags (`etcd =
+    /// ["http://etcd-1:2379"]`, `quic-listen = "0.0.0.0:7400"`); a flag or its
+    /// environment variable overrides the file.
+    #[arg(long, env = "MERIDIAN_COORDINATOR_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// This coordinator's name (unique among the cluster's coordinators).
     #[arg(long, env = "MERIDIAN_COORDINATOR_NAME")]
     name: String,
@@ -111,7 +116,7 @@ const QUIC_IDLE: Duration = Duration::from_secs(3);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     meridian_shared::telemetry::init();
-    let args = Args::parse();
+    let args: Args = meridian_shared::flag_file::parse();
     validate_name(&args.name).context("--name")?;
     validate_name(&args.cluster).context("--cluster")?;
     if args.election_ttl < Duration::from_secs(1) {
