@@ -484,11 +484,12 @@ impl Controller {
             .batch_execute("SELECT pg_reload_conf()")
             .await
             .map_err(sql_err)?;
-        // The reload is asynchronous: wait until the new value is visible.
+        // The reload is asynchronous: wait until the new value is visible, in
+        // a session of its own (the one above has its own SET value).
         let deadline = Instant::now() + Duration::from_secs(10);
+        let checker = self.node.client().await?;
         loop {
-            let client = self.node.client().await?;
-            let row = client
+            let row = checker
                 .query_one(
                     "SELECT pg_is_in_recovery(), current_setting('meridian.epoch', true)",
                     &[],
@@ -505,7 +506,7 @@ impl Controller {
                     "after promotion: in recovery {in_recovery}, meridian.epoch {value:?} (want {epoch})"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.shared.update(|s| {
             s.role = Role::Primary;

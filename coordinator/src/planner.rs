@@ -477,6 +477,10 @@ pub struct Observations {
     pub leader: Option<LeaderRecord>,
     /// The old primary's agent acknowledged `Fence` with this plan's epoch (or higher).
     pub fence_acked: bool,
+    /// The candidate's agent acknowledged `Promote` with this plan's epoch (or
+    /// higher): it runs as primary and carries the epoch (the agent acknowledges
+    /// only then), which its next heartbeat would also show.
+    pub promote_acked: bool,
     /// The old primary's `members/<node>` key still exists (its lease is alive).
     pub old_lease_alive: bool,
     /// The old primary's WAL position after it was fenced (needed by a switchover).
@@ -582,8 +586,9 @@ fn decide(plan: &FailoverPlan, obs: &Observations) -> (Step, Action) {
         .as_ref()
         .is_some_and(|l| l.state == LeaderState::Serving && l.node == *cand && l.epoch == epoch);
     let cand_obs = obs.nodes.get(cand);
-    let promoted =
-        published || cand_obs.is_some_and(|n| n.role == Role::Primary && n.epoch_seen >= epoch);
+    let promoted = published
+        || obs.promote_acked
+        || cand_obs.is_some_and(|n| n.role == Role::Primary && n.epoch_seen >= epoch);
     let fenced = promoted || obs.fence_acked || !obs.old_lease_alive;
 
     if step == Step::MarkFailingOver && marked {
@@ -1140,6 +1145,7 @@ mod tests {
             stored_epoch: Epoch(4),
             leader: Some(serving_old()),
             fence_acked: false,
+            promote_acked: false,
             old_lease_alive: true,
             old_final_lsn: None,
             nodes,
@@ -1389,6 +1395,28 @@ mod tests {
                 candidate: Some("other".into())
             })
         );
+    }
+
+    #[test]
+    fn a_promote_ack_publishes_without_waiting_for_the_next_heartbeat() {
+        let mut plan = plan();
+        let mut obs = initial_obs();
+        let mut action = plan.advance(&obs);
+        while !matches!(action, Action::SendPromote { .. }) {
+            apply(&action, &mut obs);
+            action = plan.advance(&obs);
+        }
+        // Not promoted yet: the plan asks again.
+        assert!(matches!(plan.advance(&obs), Action::SendPromote { .. }));
+        // The ack arrives before a heartbeat shows the candidate as primary.
+        obs.promote_acked = true;
+        assert_eq!(obs.nodes["cand"].role, Role::Replica);
+        match plan.advance(&obs) {
+            Action::PublishLeader { record } => {
+                assert_eq!((record.node.as_str(), record.epoch), ("cand", plan.epoch));
+            }
+            other => panic!("expected the leader's publication, got {other:?}"),
+        }
     }
 
     #[test]

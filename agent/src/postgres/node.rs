@@ -34,6 +34,10 @@ use super::{OsUser, PgBinaries, PgError};
 
 /// How long [`PgNode::stop`] waits before it escalates to SIGKILL.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a promotion may take before it counts as failed.
+pub const PROMOTE_WAIT: Duration = Duration::from_secs(60);
+/// How often a promotion's end is checked.
+pub const PROMOTE_POLL: Duration = Duration::from_millis(5);
 
 /// PostgreSQL's shutdown modes (the signals `pg_ctl stop -m` sends).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -682,19 +686,38 @@ impl PgNode {
         Ok(())
     }
 
-    /// Promotes a standby (`pg_promote(true, 60)`) and drops the standby
-    /// settings from `meridian.conf` so the node stays a primary on restart.
+    /// Promotes a standby and drops the standby settings from `meridian.conf`
+    /// so the node stays a primary on restart. Signals the promotion with
+    /// `pg_promote(false)` and polls `pg_is_in_recovery()` every
+    /// [`PROMOTE_POLL`] for up to [`PROMOTE_WAIT`]: `pg_promote`'s own wait
+    /// checks only every 100 ms, which a failover would pay on its critical path.
     pub async fn promote(&self) -> Result<(), PgError> {
         let c = self.client().await?;
-        let done: bool = c
-            .query_one("SELECT pg_promote(true, 60)", &[])
+        let signalled: bool = c
+            .query_one("SELECT pg_promote(false)", &[])
             .await
             .map_err(self.sql_err())?
             .get(0);
-        if !done {
-            return Err(PgError::PromoteFailed {
-                node: self.name.clone(),
-            });
+        let failed = || PgError::PromoteFailed {
+            node: self.name.clone(),
+        };
+        if !signalled {
+            return Err(failed());
+        }
+        let deadline = Instant::now() + PROMOTE_WAIT;
+        loop {
+            let in_recovery: bool = c
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(self.sql_err())?
+                .get(0);
+            if !in_recovery {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(failed());
+            }
+            tokio::time::sleep(PROMOTE_POLL).await;
         }
         self.update_settings(|s| s.standby = None).await
     }

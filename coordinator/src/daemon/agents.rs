@@ -122,6 +122,14 @@ impl Active {
                             warn!(session_node = %node, heartbeat_node = %hb.node, "heartbeat names another node; ignored");
                             return;
                         }
+                        // A node newly reporting its Postgres down may start a
+                        // failover: decide at once.
+                        let was_up = self
+                            .detector
+                            .reports()
+                            .get(&node)
+                            .is_none_or(|r| r.heartbeat.pg_up);
+                        self.wake |= was_up && !hb.pg_up;
                         if hb.pg_up {
                             self.fenced.remove(&node);
                             if hb.role == Role::Primary {
@@ -150,6 +158,8 @@ impl Active {
             self.on_fanout_ack(shell, node, id, &result, now);
             return;
         };
+        // A plan or an operation may be waiting for this ack.
+        self.wake = true;
         let epoch = spec.epoch();
         match (&spec, &result) {
             (CommandSpec::Fence { .. }, AckResult::Ok) => {

@@ -158,6 +158,11 @@ impl Active {
             fence_acked: self
                 .book
                 .acked_ok(&plan.old.node, CommandKind::Fence, plan.epoch),
+            promote_acked: self.book.acked_ok(
+                &plan.candidate.node,
+                CommandKind::Promote,
+                plan.epoch,
+            ),
             old_lease_alive: self.snap.members.contains_key(&plan.old.node),
             old_final_lsn,
             nodes: self.node_observations(now),

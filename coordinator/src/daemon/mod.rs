@@ -158,6 +158,10 @@ struct Active {
     cache_writes: Vec<(String, bool, String)>,
     /// Regions marked unusable in etcd were handed to `fanout` (first read).
     cache_seeded: bool,
+    /// Something a decision waits for arrived (a command's ack, a probe's
+    /// result, a node reporting its Postgres down): decide now rather than at
+    /// the next tick.
+    wake: bool,
 }
 
 /// Resolves once `shutdown` is true (the borrow is not held across an await, so
