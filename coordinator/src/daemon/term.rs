@@ -1,11 +1,11 @@
 //! The active term's loop: one `select!` over the agents' messages, operator
 //! operations, probe results and a 50 ms tick, until shutdown or the election
-//! lease's deadline. A command's ack, a probe result or a node reporting its
-//! Postgres down runs the tick's work at once (a failover's steps wait on those,
-//! so each step does not also wait for the next tick). Each tick re-reads etcd when due, re-sends commands, runs
+//! lease's deadline. Each tick re-reads etcd when due, re-sends commands, runs
 //! the cache fan-out, starts queued operations, then does the one thing the
 //! `leader` key calls for: bootstrap, advance a plan, resume a failover another
-//! coordinator left half done, or steady-state watching.
+//! coordinator left half done, or steady-state watching. A command's ack, a
+//! probe result or a node newly reporting its Postgres down runs that work at
+//! once: a failover's steps wait on those, and need not also wait for a tick.
 //!
 //! Also here: the etcd snapshot refresh (with `paused`/`resumed` events and
 //! forgetting departed nodes) and the shared views of that snapshot the other
