@@ -7,7 +7,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,11 +22,9 @@ use redis::Commands;
 use tokio::sync::mpsc;
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below the kernel's ephemeral range: no port-0 bind or outgoing
+    // connection can take it before the server binds it.
+    meridian_launcher::ports::free_port().unwrap()
 }
 
 /// Waits for `cond` up to `deadline`, polling every 20 ms.

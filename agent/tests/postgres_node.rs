@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used)] // a test binary: a failed unwrap is a failed test
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -18,11 +17,9 @@ use meridian_agent::postgres::{
 const READY: Duration = Duration::from_secs(30);
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below the kernel's ephemeral range: no port-0 bind or outgoing
+    // connection can take it before the server binds it.
+    meridian_launcher::ports::free_port().unwrap()
 }
 
 async fn setup() -> (tempfile::TempDir, PgBinaries, OsUser) {

@@ -3,7 +3,7 @@
 //! `meridianctl` binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -22,11 +22,9 @@ const CLUSTER: &str = "admintest";
 const DEADLINE: Duration = Duration::from_secs(20);
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below the kernel's ephemeral range: no port-0 bind or outgoing
+    // connection can take it before the server binds it.
+    meridian_launcher::ports::free_port().unwrap()
 }
 
 /// A private etcd on free ports, killed (by PID) on drop.

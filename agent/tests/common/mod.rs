@@ -5,7 +5,6 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub use std::collections::HashMap;
-pub use std::net::TcpListener;
 pub use std::os::unix::fs::PermissionsExt;
 pub use std::path::{Path, PathBuf};
 pub use std::process::{Child, Command, Stdio};
@@ -27,11 +26,9 @@ pub use tokio::sync::mpsc;
 pub const CLUSTER: &str = "t";
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below the kernel's ephemeral range: no port-0 bind or outgoing
+    // connection can take it before the server binds it.
+    meridian_launcher::ports::free_port().unwrap()
 }
 
 pub fn pid_alive(pid: i32) -> bool {

@@ -38,7 +38,7 @@ use nix::sys::signal::Signal;
 use crate::binaries::Binaries;
 use crate::cluster_file::{ClusterFile, CoordinatorEntry, NodeEntry, RegionEntry};
 use crate::etcd::Etcd;
-use crate::ports::free_port;
+use crate::ports::{free_port, free_udp_port};
 use crate::process::{alive, signal, tail, Proc};
 use crate::redis_server::RedisServer;
 use crate::wait::eventually;
@@ -307,7 +307,7 @@ impl LocalCluster {
         // start because they advertise them: region -> coordinator -> relay.
         let mut quic_links: BTreeMap<String, BTreeMap<String, UdpLink>> = BTreeMap::new();
         for name in &coord_names {
-            let quic_addr = format!("127.0.0.1:{}", free_port()?);
+            let quic_addr = format!("127.0.0.1:{}", free_udp_port()?);
             let mut advertised = Vec::new();
             for region in &spec.regions {
                 let delay = spec.wan_delays.get(region, &coordinator_region);

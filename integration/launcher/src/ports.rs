@@ -17,7 +17,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::sync::Mutex;
 
 /// The lowest port handed out (below are well-known and registered services
@@ -46,6 +46,18 @@ fn random_u64() -> u64 {
 
 /// One free TCP port on 127.0.0.1, outside the kernel's ephemeral range.
 pub fn free_port() -> std::io::Result<u16> {
+    pick("TCP", |port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+}
+
+/// One free UDP port on 127.0.0.1 (a QUIC endpoint), outside the kernel's
+/// ephemeral range.
+pub fn free_udp_port() -> std::io::Result<u16> {
+    pick("UDP", |port| UdpSocket::bind(("127.0.0.1", port)).is_ok())
+}
+
+/// A port in [`LOWEST`, ephemeral start) not handed out before and for which
+/// `is_free` holds, starting at a random place.
+fn pick(what: &str, is_free: impl Fn(u16) -> bool) -> std::io::Result<u16> {
     let (low, high) = (LOWEST, ephemeral_start());
     let span = u64::from(high - low);
     let start = random_u64() % span;
@@ -58,14 +70,14 @@ pub fn free_port() -> std::io::Result<u16> {
         if handed.contains(&port) {
             continue;
         }
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if is_free(port) {
             handed.insert(port);
             return Ok(port);
         }
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::AddrNotAvailable,
-        format!("no free port in {low}..{high} on 127.0.0.1"),
+        format!("no free {what} port in {low}..{high} on 127.0.0.1"),
     ))
 }
 
@@ -91,6 +103,9 @@ mod tests {
         assert!(!ports.contains(&p), "{p} handed out twice");
         let l = TcpListener::bind(("127.0.0.1", p)).unwrap();
         assert_eq!(l.local_addr().unwrap().port(), p);
+        let u = free_udp_port().unwrap();
+        assert!((LOWEST..start).contains(&u) && !ports.contains(&u) && u != p);
+        UdpSocket::bind(("127.0.0.1", u)).unwrap();
     }
 
     #[test]
