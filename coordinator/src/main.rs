@@ -1,8 +1,9 @@
 //! `meridian-coordinator`: parses the command line (flags, environment
-//! variables `MERIDIAN_COORDINATOR_<FLAG>`, then the `--config` file), initialises telemetry, binds the
-//! QUIC endpoint, connects to etcd and runs the decision loop
-//! ([`meridian_coordinator::daemon::run`]) next to the admin API and the HTTP
-//! server until SIGTERM or SIGINT, which resigns the election and exits 0.
+//! variables `MERIDIAN_COORDINATOR_<FLAG>`, then the `--config` file),
+//! initialises telemetry, binds the QUIC endpoint, connects to etcd and runs
+//! the decision loop ([`meridian_coordinator::daemon::run`]) next to the admin
+//! API and the HTTP server until SIGTERM or SIGINT, which resigns the election
+//! and exits 0.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

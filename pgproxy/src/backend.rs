@@ -128,10 +128,7 @@ pub struct BackendConn {
 impl BackendConn {
     /// Opens, secures and authenticates a connection.
     pub async fn connect(p: &ConnectParams) -> Result<BackendConn, BackendError> {
-        match tokio::time::timeout(p.connect_timeout, Self::connect_inner(p, None)).await {
-            Ok(r) => r.map(|(conn, _)| conn),
-            Err(_) => Err(BackendError::Timeout(p.addr.to_string())),
-        }
+        within_connect_timeout(p, async { Ok(Self::connect_inner(p, None).await?.0) }).await
     }
 
     /// Opens a connection and runs `sql` (simple protocol) on it, all within
@@ -146,7 +143,7 @@ impl BackendConn {
         p: &ConnectParams,
         sql: &str,
     ) -> Result<(BackendConn, Vec<Vec<Option<String>>>), BackendError> {
-        let connected = tokio::time::timeout(p.connect_timeout, async {
+        within_connect_timeout(p, async {
             let (mut conn, pipelined) = Self::connect_inner(p, Some(sql)).await?;
             let rows = if pipelined {
                 conn.read_simple_result().await?
@@ -155,11 +152,7 @@ impl BackendConn {
             };
             Ok((conn, rows))
         })
-        .await;
-        match connected {
-            Ok(r) => r,
-            Err(_) => Err(BackendError::Timeout(p.addr.to_string())),
-        }
+        .await
     }
 
     /// Connects and logs in; `pipeline` is queued behind the last authentication
@@ -506,6 +499,16 @@ impl BackendConn {
         let _ = self.stream.write_all(&buf).await;
         let _ = self.stream.shutdown().await;
     }
+}
+
+/// `work` bounded by `connect_timeout` (running out is [`BackendError::Timeout`]).
+async fn within_connect_timeout<T>(
+    p: &ConnectParams,
+    work: impl std::future::Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    tokio::time::timeout(p.connect_timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(BackendError::Timeout(p.addr.to_string())))
 }
 
 /// The columns of a text-format `DataRow`.

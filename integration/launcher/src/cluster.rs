@@ -356,15 +356,7 @@ impl LocalCluster {
                 .await?;
                 region_links.insert(other.clone(), link);
             }
-            let etcd_link = Link::start(
-                "127.0.0.1:0".parse()?,
-                cluster.etcd.client_addr().to_owned(),
-                LinkControl::new(
-                    spec.wan_delays.get(region, &coordinator_region),
-                    Duration::ZERO,
-                ),
-            )
-            .await?;
+            let etcd_link = cluster.etcd_link(region).await?;
             let pki = PkiPaths::in_dir(&cluster.certs, &name);
             let mut args = vec![
                 s("--name"),
@@ -530,20 +522,25 @@ impl LocalCluster {
         Ok(pid)
     }
 
+    /// A link to etcd for an agent or proxy of `region`: etcd sits with the
+    /// coordinators, so it carries the delay between the two regions.
+    async fn etcd_link(&self, region: &str) -> anyhow::Result<Link> {
+        let delay = self
+            .spec
+            .wan_delays
+            .get(region, self.spec.coordinator_region());
+        Ok(Link::start(
+            "127.0.0.1:0".parse()?,
+            self.etcd.client_addr().to_owned(),
+            LinkControl::new(delay, Duration::ZERO),
+        )
+        .await?)
+    }
+
     async fn spawn_proxy(&mut self, region: &str) -> anyhow::Result<()> {
         let port = free_port()?;
         let admin_addr = format!("127.0.0.1:{}", free_port()?);
-        let etcd_link = Link::start(
-            "127.0.0.1:0".parse()?,
-            self.etcd.client_addr().to_owned(),
-            LinkControl::new(
-                self.spec
-                    .wan_delays
-                    .get(region, self.spec.coordinator_region()),
-                Duration::ZERO,
-            ),
-        )
-        .await?;
+        let etcd_link = self.etcd_link(region).await?;
         let args = vec![
             s("--listen"),
             format!("127.0.0.1:{port}"),

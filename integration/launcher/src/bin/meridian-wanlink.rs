@@ -57,45 +57,66 @@ fn parse_link(flag: &str, spec: &str) -> anyhow::Result<(String, String, Duratio
     Ok((listen.to_owned(), target.to_owned(), delay))
 }
 
-async fn listen_addr(flag: &str, spec: &str, listen: &str) -> anyhow::Result<std::net::SocketAddr> {
-    tokio::net::lookup_host(listen)
+/// One `--link` / `--udp-link` item: where to listen (resolved), the target,
+/// and the link's delay control.
+struct LinkSpec {
+    listen: std::net::SocketAddr,
+    target: String,
+    control: LinkControl,
+}
+
+/// Parses `spec` of `flag` and resolves its listen address.
+async fn link_spec(flag: &str, spec: &str, jitter: Duration) -> anyhow::Result<LinkSpec> {
+    let (listen, target, delay) = parse_link(flag, spec)?;
+    let addr = tokio::net::lookup_host(&listen)
         .await
         .with_context(|| format!("{flag} {spec:?}: cannot resolve {listen}"))?
         .next()
-        .with_context(|| format!("{flag} {spec:?}: {listen} resolves to nothing"))
+        .with_context(|| format!("{flag} {spec:?}: {listen} resolves to nothing"))?;
+    Ok(LinkSpec {
+        listen: addr,
+        target,
+        control: LinkControl::new(delay, jitter),
+    })
+}
+
+/// A link this process runs (kept alive until it exits).
+enum Running {
+    Tcp(Link),
+    Udp(UdpLink),
+}
+
+impl Running {
+    fn local_addr(&self) -> std::net::SocketAddr {
+        match self {
+            Running::Tcp(l) => l.local_addr(),
+            Running::Udp(l) => l.local_addr(),
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     meridian_shared::telemetry::init();
     let args = Args::parse();
-    let mut tcp = Vec::new();
-    for spec in &args.links {
-        let (listen, target, delay) = parse_link("--link", spec)?;
-        let control = LinkControl::new(delay, *args.jitter);
-        let link = Link::start(
-            listen_addr("--link", spec, &listen).await?,
-            target.clone(),
-            control,
-        )
-        .await
-        .with_context(|| format!("--link {spec:?}: cannot listen on {listen}"))?;
-        tracing::info!(listen = %link.local_addr(), %target, ?delay, "wan link up (tcp)");
-        tcp.push(link);
-    }
-    let mut udp = Vec::new();
-    for spec in &args.udp_links {
-        let (listen, target, delay) = parse_link("--udp-link", spec)?;
-        let control = LinkControl::new(delay, *args.jitter);
-        let link = UdpLink::start(
-            listen_addr("--udp-link", spec, &listen).await?,
-            target.clone(),
-            control,
-        )
-        .await
-        .with_context(|| format!("--udp-link {spec:?}: cannot listen on {listen}"))?;
-        tracing::info!(listen = %link.local_addr(), %target, ?delay, "wan link up (udp)");
-        udp.push(link);
+    let items = (args.links.iter().map(|s| ("--link", s)))
+        .chain(args.udp_links.iter().map(|s| ("--udp-link", s)));
+    let mut running = Vec::new();
+    for (flag, spec) in items {
+        let l = link_spec(flag, spec, *args.jitter).await?;
+        let delay = l.control.state().delay;
+        let started = if flag == "--link" {
+            Link::start(l.listen, l.target.clone(), l.control)
+                .await
+                .map(Running::Tcp)
+        } else {
+            UdpLink::start(l.listen, l.target.clone(), l.control)
+                .await
+                .map(Running::Udp)
+        }
+        .with_context(|| format!("{flag} {spec:?}: cannot listen on {}", l.listen))?;
+        tracing::info!(listen = %started.local_addr(), target = %l.target, ?delay, flag, "wan link up");
+        running.push(started);
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
