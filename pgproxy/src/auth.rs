@@ -4,8 +4,12 @@
 //! `pg_authid`-style verifier from config (the proxy never sees the password)
 //! or a salted password derived from a configured cleartext password. md5
 //! uses postgres-protocol's hash. Failures are reported with SQLSTATE 28P01
-//! (wrong password) or 28000 (no such user / method not allowed), and the
-//! password never appears in logs.
+//! (wrong password) or 28000 (no such user / method not allowed).
+//!
+//! Nothing the client sends during the exchange (a password, a SASL mechanism
+//! name, a SCRAM nonce or proof) ever reaches an [`AuthError`]'s text: the
+//! errors carry fixed messages only, because the caller logs them and a client
+//! that sends its password in the wrong field must not have it written to a log.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -28,8 +32,9 @@ pub enum AuthError {
     BadPassword(String),
     #[error("{0}")]
     Rejected(String),
+    /// A fixed description: never text the client sent.
     #[error("authentication protocol violation: {0}")]
-    Protocol(String),
+    Protocol(&'static str),
     #[error(transparent)]
     Client(#[from] ClientError),
 }
@@ -51,7 +56,7 @@ fn send_auth<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), AuthError> {
     let mut buf = BytesMut::new();
     msg.encode(&mut buf)
-        .map_err(|e| AuthError::Protocol(e.to_string()))?;
+        .map_err(|_| AuthError::Protocol("cannot encode an authentication message"))?;
     client.send_raw(&buf);
     Ok(())
 }
@@ -62,10 +67,7 @@ async fn read_password_message<S: AsyncRead + AsyncWrite + Unpin>(
     client.flush().await?;
     let f = client.read_frame().await?;
     if f.tag != b'p' {
-        return Err(AuthError::Protocol(format!(
-            "expected a password message, got message type {:?}",
-            f.tag as char
-        )));
+        return Err(AuthError::Protocol("expected a password message"));
     }
     Ok(f)
 }
@@ -117,8 +119,8 @@ async fn md5<S: AsyncRead + AsyncWrite + Unpin>(
     send_auth(client, Authentication::MD5Password(salt.to_vec()))?;
     let f = read_password_message(client).await?;
     let mut body = f.body();
-    let given = wire::read_cstr(&mut body)
-        .ok_or_else(|| AuthError::Protocol("bad password message".into()))?;
+    let given =
+        wire::read_cstr(&mut body).ok_or(AuthError::Protocol("malformed password message"))?;
     let expected = postgres_protocol::authentication::md5_hash(
         user_name.as_bytes(),
         password.as_bytes(),
@@ -159,26 +161,27 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
     let first = read_password_message(client).await?;
     let mut body = first.body();
     let mechanism = wire::read_cstr(&mut body)
-        .ok_or_else(|| AuthError::Protocol("bad SASLInitialResponse".into()))?;
+        .ok_or(AuthError::Protocol("malformed SASLInitialResponse message"))?;
     if mechanism != "SCRAM-SHA-256" {
-        return Err(AuthError::Protocol(format!(
-            "unsupported SASL mechanism {mechanism}"
-        )));
+        // The name is the client's: it may be anything, a password included.
+        return Err(AuthError::Protocol(
+            "client selected an invalid SASL authentication mechanism",
+        ));
     }
     if body.len() < 4 {
-        return Err(AuthError::Protocol("bad SASLInitialResponse".into()));
+        return Err(AuthError::Protocol("malformed SASLInitialResponse message"));
     }
     let len = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
     let data = body
         .get(4..)
         .filter(|d| len >= 0 && d.len() == len as usize)
-        .ok_or_else(|| AuthError::Protocol("bad SASLInitialResponse length".into()))?;
+        .ok_or(AuthError::Protocol("malformed SASLInitialResponse message"))?;
     let server = ScramServerAuth::new();
     let mut server = server;
     server.set_iterations(SCRAM_ITERATIONS);
     let (server_first, waiting) = server
         .on_client_first_message_with_secret(data, secret)
-        .map_err(|e| AuthError::Protocol(e.to_string()))?;
+        .map_err(|_| AuthError::Protocol("malformed SCRAM client-first message"))?;
     send_auth(
         client,
         Authentication::SASLContinue(Bytes::from(server_first)),
@@ -194,6 +197,76 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BufMut;
+    use tokio::io::AsyncWriteExt;
+
+    const SECRET: &str = "correct-horse-battery-staple";
+
+    fn scram_user() -> UserConfig {
+        UserConfig {
+            name: "app".to_owned(),
+            password: Some(SECRET.to_owned()),
+            scram_verifier: None,
+            auth: Some(AuthMethod::ScramSha256),
+            backend_user: None,
+            backend_password: None,
+            pool_mode: None,
+            databases: Vec::new(),
+        }
+    }
+
+    /// A `SASLInitialResponse` naming `mechanism` with `data`.
+    fn sasl_initial(mechanism: &str, data: &[u8]) -> Vec<u8> {
+        let mut body = BytesMut::new();
+        body.put_slice(mechanism.as_bytes());
+        body.put_u8(0);
+        body.put_i32(data.len() as i32);
+        body.put_slice(data);
+        Frame::new(b'p', &body).raw.to_vec()
+    }
+
+    /// Runs a SCRAM login whose client sends `first` after the server's
+    /// AuthenticationSASL; returns the server's verdict.
+    async fn scram_login_with(first: Vec<u8>) -> AuthError {
+        let (server, mut client) = tokio::io::duplex(64 * 1024);
+        let mut conn = ClientConn::new(server, 1 << 20);
+        let user = scram_user();
+        let login = authenticate(&mut conn, "app", Some(&user), AuthMethod::ScramSha256);
+        let send = async move {
+            client.write_all(&first).await.unwrap();
+            client
+        };
+        let (verdict, _client) = tokio::join!(login, send);
+        verdict.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_password_sent_as_the_sasl_mechanism_never_reaches_the_error_text() {
+        let e = scram_login_with(sasl_initial(SECRET, b"n,,n=,r=abc")).await;
+        assert_eq!(e.sqlstate(), "08P01");
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains(SECRET), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_client_first_message_never_reaches_the_error_text() {
+        // Not a SCRAM client-first message at all: the password itself.
+        let e = scram_login_with(sasl_initial("SCRAM-SHA-256", SECRET.as_bytes())).await;
+        assert_eq!(e.sqlstate(), "08P01");
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains(SECRET), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_password_sent_in_place_of_the_password_message_never_reaches_the_error_text() {
+        // A cleartext password in a message of the wrong type.
+        let mut body = SECRET.as_bytes().to_vec();
+        body.push(0);
+        let e = scram_login_with(Frame::new(b'Q', &body).raw.to_vec()).await;
+        assert_eq!(e.sqlstate(), "08P01");
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains(SECRET), "{text}");
+    }
 
     #[test]
     fn verifier_parses() {
