@@ -25,7 +25,7 @@ pub async fn load(
         user: cfg.routing.catalog_user.clone(),
         database: cfg.routing.catalog_database.clone(),
         password: cfg.routing.catalog_password.clone(),
-        tls: shared.backend_tls.clone(),
+        tls: shared.backend_tls().clone(),
         connect_timeout: cfg.pool.connect_timeout,
         max_message: cfg.max_message_size,
     };
@@ -46,7 +46,7 @@ pub async fn load(
 pub async fn refresh_loop(shared: Arc<Shared>) {
     let mut loaded = false;
     loop {
-        let primary = shared.topology.borrow().primary.clone();
+        let primary = shared.topology().borrow().primary.clone();
         if let Some(addr) = primary {
             match load(&shared, addr).await {
                 Ok(c) => {

@@ -5,7 +5,6 @@
 //! [`Session`] to the relay.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use meridian_shared::config::AuthMethod;
@@ -36,7 +35,7 @@ const REPLAYED_PARAMS: &[&str] = &[
 
 /// Serves one accepted TCP connection to the end.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let id = shared.next_session_id();
     let span =
         tracing::info_span!("conn", session = id, client = %peer, region = %shared.config().region);
     async move {
@@ -57,7 +56,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             };
             match p {
                 StartupPacket::SslRequest if !tls_done => {
-                    let acceptor = shared.tls_acceptor.clone();
+                    let acceptor = shared.tls_acceptor().cloned();
                     let (stream, rest) = client.into_parts();
                     let MaybeTls::Plain(mut tcp) = stream else { return };
                     if !rest.is_empty() {
@@ -95,7 +94,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                     }
                 }
                 StartupPacket::Cancel { pid, secret } => {
-                    if let Some(b) = shared.cancel.lookup((pid, secret)) {
+                    if let Some(b) = shared.cancel().lookup((pid, secret)) {
                         debug!(backend = %b.addr, "forwarding cancel request");
                         if let Err(e) = crate::backend::send_cancel(&b.addr, b.pid, b.secret).await {
                             debug!(error = %e, "cancel forwarding failed");
@@ -150,19 +149,16 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         };
         let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
 
-        let clients = shared.clients.fetch_add(1, Ordering::AcqRel);
-        let _guard = ClientGuard(shared.clone());
-        shared.metrics.clients.inc();
-        if clients >= cfg.max_clients {
-            shared.metrics.error("53300");
+        let Some(_guard) = shared.admit_client(cfg.max_clients) else {
+            shared.metrics().error("53300");
             client.fatal("53300", "sorry, too many clients already").await;
             return;
-        }
+        };
 
         let user_cfg = cfg.user(&user).cloned();
         if let Err(e) = auth::authenticate(&mut client, &user, user_cfg.as_ref(), cfg.auth).await {
             info!(user = %user, error = %e, "authentication failed");
-            shared.metrics.error(e.sqlstate());
+            shared.metrics().error(e.sqlstate());
             client.fatal(e.sqlstate(), &e.to_string()).await;
             return;
         }
@@ -178,7 +174,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             return;
         }
 
-        let ((pid, secret), cancel_slot) = shared.cancel.register();
+        let ((pid, secret), cancel_slot) = shared.cancel().register();
         let _cancel_guard = CancelGuard(shared.clone(), (pid, secret));
         let login = Login {
             backend_user: user_cfg.as_ref().and_then(|u| u.backend_user.clone()).unwrap_or_else(|| user.clone()),
@@ -210,7 +206,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                     }
                     other => ("08006".to_owned(), format!("meridian-pgproxy: no backend available: {other}")),
                 };
-                shared.metrics.error(&code);
+                shared.metrics().error(&code);
                 session.fatal(&code, &msg).await;
                 return;
             }
@@ -228,17 +224,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     .await
 }
 
-struct ClientGuard(Arc<Shared>);
-impl Drop for ClientGuard {
-    fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::AcqRel);
-        self.0.metrics.clients.dec();
-    }
-}
-
 struct CancelGuard(Arc<Shared>, (i32, i32));
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        self.0.cancel.unregister(self.1);
+        self.0.cancel().unregister(self.1);
     }
 }

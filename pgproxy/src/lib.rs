@@ -27,6 +27,7 @@ pub mod pool;
 pub mod route;
 pub mod ryw;
 pub mod session;
+pub mod shared;
 pub mod stream;
 pub mod tls;
 pub mod topology;
@@ -35,18 +36,19 @@ pub mod wire;
 /// The etcd client the follower uses (re-exported for tests and tools).
 pub use etcd_client;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_shared::config::ProxyConfig;
 use meridian_sqlroute::{Classifier, FunctionCatalog};
+
+pub use crate::shared::Shared;
+use crate::shared::SharedParts;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::backend::ConnectParams;
-use crate::cancel::CancelRegistry;
 use crate::health::ReplicaTable;
 use crate::metrics::Metrics;
 use crate::pool::Pools;
@@ -64,44 +66,6 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("cache.redis: {0}")]
     CacheRedis(#[from] redis::RedisError),
-}
-
-/// State shared by every session of one proxy.
-pub struct Shared {
-    config: watch::Receiver<Arc<ProxyConfig>>,
-    pub pools: Arc<Pools>,
-    pub topology: TopologyRx,
-    /// Replay positions and lag of the replicas (read-your-writes, staleness bound).
-    pub replicas: ReplicaTable,
-    pub classifier: Classifier,
-    catalog: RwLock<Arc<FunctionCatalog>>,
-    pub cancel: CancelRegistry,
-    pub metrics: Arc<Metrics>,
-    pub backend_tls: Arc<BackendTls>,
-    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
-    pub shutdown: watch::Receiver<bool>,
-    pub next_session: AtomicU64,
-    pub clients: AtomicUsize,
-    /// The regional result cache, when `[cache]` is enabled.
-    pub cache: Option<cache::RegionCache>,
-}
-
-impl Shared {
-    /// The current configuration (replaced on reload).
-    pub fn config(&self) -> Arc<ProxyConfig> {
-        self.config.borrow().clone()
-    }
-
-    pub fn catalog(&self) -> Arc<FunctionCatalog> {
-        self.catalog
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub fn set_catalog(&self, c: FunctionCatalog) {
-        *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
-    }
 }
 
 /// Keeps pools and metrics in step with the topology: pools of an old primary
@@ -173,28 +137,25 @@ pub async fn run(
         }
     };
     let region_cache = cache::RegionCache::from_config(&cfg)?;
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(Shared::new(SharedParts {
         cache: region_cache,
         replicas,
         classifier: Classifier::new(cfg.routing.parse_cache_size),
-        catalog: RwLock::new(Arc::new(catalog)),
+        catalog,
         config,
         pools: pools.clone(),
         topology,
-        cancel: CancelRegistry::default(),
         metrics: metrics.clone(),
         backend_tls,
         tls_acceptor,
         shutdown: shutdown.clone(),
-        next_session: AtomicU64::new(1),
-        clients: AtomicUsize::new(0),
-    });
+    }));
     if let Some(admin) = listeners.admin {
         tasks.spawn(metrics::serve_admin(admin, metrics.clone(), pools.clone()));
     }
     tasks.spawn(catalog::refresh_loop(shared.clone()));
     tasks.spawn(follow_topology(
-        shared.topology.clone(),
+        shared.topology().clone(),
         pools.clone(),
         metrics.clone(),
     ));

@@ -392,7 +392,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn replica_available(&self) -> bool {
         self.shared.config().routing.replica_reads
-            && self.shared.topology.borrow().has_usable_replica()
+            && self.shared.topology().borrow().has_usable_replica()
     }
 
     fn conn(&mut self, w: Which) -> Option<&mut Pooled> {
@@ -416,7 +416,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             user: self.login.backend_user.clone(),
             database: self.login.database.clone(),
             password: self.login.backend_password.clone(),
-            tls: self.shared.backend_tls.clone(),
+            tls: self.shared.backend_tls().clone(),
             connect_timeout: cfg.pool.connect_timeout,
             max_message: cfg.max_message_size,
         }
@@ -445,7 +445,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Which::Replica => {
                 let addr = want.or_else(|| {
                     self.shared
-                        .topology
+                        .topology()
                         .borrow()
                         .pick_replica(&self.shared.config().region, self.salt)
                         .map(|b| b.addr.clone())
@@ -459,7 +459,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 };
                 let params = self.connect_params(addr);
                 let pool_cfg = self.shared.config().pool.clone();
-                self.shared.pools.get(&params, None, &pool_cfg).await?
+                self.shared.pools().get(&params, None, &pool_cfg).await?
             }
         };
         *self.slot(w) = Some(conn);
@@ -492,7 +492,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Whether the held backend of kind `w` (if any) is one the topology no
     /// longer backs: a primary of another node or epoch, a replica that is down.
     fn held_is_stale(&self, w: Which) -> bool {
-        let topo = self.shared.topology.borrow();
+        let topo = self.shared.topology().borrow();
         match (w, self.conn_ref(w)) {
             (Which::Primary, Some(c)) => !pool::still_current(&c.addr, c.fence_epoch, &topo),
             (Which::Replica, Some(c)) => !topo.is_usable_replica(&c.addr),
@@ -514,7 +514,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// [`PRIMARY_RETRY`]. Errors that waiting cannot cure (authentication, a
     /// missing database) end the wait at once.
     async fn connect_primary(&mut self) -> Result<Pooled, PoolError> {
-        let mut topology = self.shared.topology.clone();
+        let mut topology = self.shared.topology().clone();
         let started = tokio::time::Instant::now();
         let mut waited = false;
         loop {
@@ -527,7 +527,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Some(addr) => {
                     let params = self.connect_params(addr.clone());
                     let pool_cfg = self.shared.config().pool.clone();
-                    let get = self.shared.pools.get(&params, fence, &pool_cfg);
+                    let get = self.shared.pools().get(&params, fence, &pool_cfg);
                     let r = if hold.is_zero() {
                         get.await
                     } else {
@@ -542,7 +542,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             if waited {
                                 let held = started.elapsed();
                                 self.shared
-                                    .metrics
+                                    .metrics()
                                     .failover_hold_seconds
                                     .inc_by(held.as_secs_f64());
                                 debug!(?held, "primary available after a failover hold");
@@ -565,9 +565,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if hold.is_zero() {
                         return Err(error);
                     }
-                    self.shared.metrics.failover_hold_timeouts.inc();
+                    self.shared.metrics().failover_hold_timeouts.inc();
                     self.shared
-                        .metrics
+                        .metrics()
                         .failover_hold_seconds
                         .inc_by(started.elapsed().as_secs_f64());
                     warn!(error = %error, ?hold, "no primary within the failover hold");
@@ -578,7 +578,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 HoldStep::Wait(remaining) => {
                     if !waited {
                         waited = true;
-                        self.shared.metrics.failover_holds.inc();
+                        self.shared.metrics().failover_holds.inc();
                         debug!(error = %error, ?hold, "holding for a primary");
                     }
                     let pause = remaining.min(PRIMARY_RETRY);
@@ -655,14 +655,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let (w, reason) = route::route(analysis, &catalog, view);
         if reason == route::Reason::ParseFailed {
-            self.shared.metrics.parse_fallbacks.inc();
+            self.shared.metrics().parse_fallbacks.inc();
         }
         w
     }
 
     /// Runs the session until the client leaves.
     pub async fn run(mut self) -> Result<(), SessionError> {
-        let mut shutdown = self.shared.shutdown.clone();
+        let mut shutdown = self.shared.shutdown().clone();
         let result = self.relay(&mut shutdown).await;
         self.finish().await;
         result
@@ -884,7 +884,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn send_error(&mut self, code: &str, message: &str) {
-        self.shared.metrics.error(code);
+        self.shared.metrics().error(code);
         self.client
             .send(&wire::error_response("ERROR", code, message));
     }
@@ -1000,7 +1000,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         self.query_start = Some(Instant::now());
-        let analysis = self.shared.classifier.analyze(sql);
+        let analysis = self.shared.classifier().analyze(sql);
         let tx = analysis.tx_effect();
 
         if self.tx_lost {
@@ -1051,7 +1051,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // The identity is only built when a regional cache is configured (cache_plan is None
         // otherwise): it copies the text.
-        let plan = if self.shared.cache.is_some() {
+        let plan = if self.shared.cache().is_some() {
             self.cache_plan(target, &analysis, sql, &cache::entry::simple_identity(sql))
         } else {
             None
@@ -1106,7 +1106,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         sql: &str,
         identity: &[u8],
     ) -> Option<Plan> {
-        let cache = self.shared.cache.as_ref()?;
+        let cache = self.shared.cache()?;
         if target != Which::Replica
             || self.tx_backend.is_some()
             || self.lazy_begin.is_some()
@@ -1181,7 +1181,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn start_hold(&mut self, f: &Frame) -> Result<bool, SessionError> {
         if f.tag != b'B'
-            || self.shared.cache.is_none()
+            || self.shared.cache().is_none()
             || self.batch.is_some()
             || self.releasing
             || self.stalled.is_some()
@@ -1228,10 +1228,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         plan: &Plan,
         analysis: &Analysis,
     ) -> Result<bool, SessionError> {
-        let Some(cache) = self.shared.cache.as_ref() else {
+        let Some(cache) = self.shared.cache() else {
             return Ok(false);
         };
-        let metrics = self.shared.metrics.clone();
+        let metrics = self.shared.metrics().clone();
         let started = Instant::now();
         let found = cache
             .store
@@ -1325,7 +1325,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return;
         };
         if fill.capture(f.tag, &f.raw, max) == Some(Spoiled::TooLarge) {
-            self.shared.metrics.cache_store("too_large");
+            self.shared.metrics().cache_store("too_large");
         }
     }
 
@@ -1335,11 +1335,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return;
         };
         self.cache_floor.observe(&plan.hash, bracket);
-        let Some(cache) = self.shared.cache.as_ref() else {
+        let Some(cache) = self.shared.cache() else {
             return;
         };
         let store = cache.store.clone();
-        let metrics = self.shared.metrics.clone();
+        let metrics = self.shared.metrics().clone();
         let value = cache::entry::encode(bracket, &messages);
         tokio::spawn(async move {
             match store
@@ -1406,9 +1406,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if need.is_empty() {
             return target;
         }
-        let table = self.shared.replicas.clone();
+        let table = self.shared.replicas().clone();
         let cfg = self.shared.config();
-        let metrics = self.shared.metrics.clone();
+        let metrics = self.shared.metrics().clone();
         let count = |outcome: &'static str, waited: Duration| {
             metrics
                 .ryw_reads
@@ -1421,7 +1421,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(c) = &self.replica {
             let local = self
                 .shared
-                .topology
+                .topology()
                 .borrow()
                 .replicas
                 .iter()
@@ -1439,7 +1439,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let started = Instant::now();
         let mut guard = None;
         loop {
-            let candidates = self.shared.topology.borrow().ryw_candidates(&cfg.region);
+            let candidates = self.shared.topology().borrow().ryw_candidates(&cfg.region);
             let obs = |v: &[Arc<str>]| -> Vec<Option<ryw::Observed>> {
                 v.iter().map(|a| table.observed(a)).collect()
             };
@@ -1512,7 +1512,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         for f in self.execute_command(cmd) {
             if f.tag == b'E' {
-                self.shared.metrics.error(&wire::error_fields(&f).1);
+                self.shared.metrics().error(&wire::error_fields(&f).1);
             }
             self.client.send(&f);
         }
@@ -1645,7 +1645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     b'E' => {
                         for out in self.execute_command(cmd) {
                             if out.tag == b'E' {
-                                self.shared.metrics.error(&wire::error_fields(&out).1);
+                                self.shared.metrics().error(&wire::error_fields(&out).1);
                                 self.skip_until_sync = true;
                             }
                             self.answer_in_order(out);
@@ -1709,7 +1709,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Which::Replica => "replica",
         };
         self.shared
-            .metrics
+            .metrics()
             .queries
             .get_or_create(&TargetLabel { target })
             .inc();
@@ -1783,7 +1783,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match f.tag {
             b'P' => wire::parse_msg(f)
                 .ok()
-                .map(|m| self.shared.classifier.analyze(m.query)),
+                .map(|m| self.shared.classifier().analyze(m.query)),
             b'B' => {
                 let (_, stmt, _) = wire::bind_names(f).ok()?;
                 self.lookup_stmt(stmt).map(|s| s.analysis.clone())
@@ -2000,7 +2000,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             param_types: m.param_types.to_vec(),
             hash,
             server_name: format!("mrd_{hash:016x}"),
-            analysis: self.shared.classifier.analyze(m.query),
+            analysis: self.shared.classifier().analyze(m.query),
         });
         if m.name.is_empty() {
             self.unnamed = Some(stmt.clone());
@@ -2228,7 +2228,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if severity == "FATAL" || severity == "PANIC" {
                     // The server is closing this connection: report the loss now so
                     // the client's next statement goes to a fresh backend.
-                    self.shared.metrics.error(&code);
+                    self.shared.metrics().error(&code);
                     self.client.send(&f);
                     self.loss_reported = true;
                     return self.backend_lost(w, BackendError::Closed).await;
@@ -2313,7 +2313,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.pending = kept;
             }
         }
-        self.shared.metrics.error(&code);
+        self.shared.metrics().error(&code);
         self.client.send(&f);
     }
 
@@ -2366,7 +2366,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.client.send(&f);
         if let Some(start) = self.query_start.take() {
             self.shared
-                .metrics
+                .metrics()
                 .latency
                 .observe(start.elapsed().as_secs_f64());
         }

@@ -107,14 +107,14 @@ impl RegionCache {
             return None;
         }
         let (epoch, usable) = {
-            let t = shared.topology.borrow();
+            let t = shared.topology().borrow();
             // Only under a serving leader (or a static topology): during a failover, replicas
             // may still show commits the new primary will not have.
             let settled = matches!(t.state, LeaderView::Serving | LeaderView::Static);
             (t.epoch, settled && t.cache_usable)
         };
         if !usable {
-            shared.metrics.cache_lookup("unusable");
+            shared.metrics().cache_lookup("unusable");
             return None;
         }
         let relations = self.relations.get(shared, database)?;

@@ -114,7 +114,7 @@ async fn load(shared: &Shared, addr: Arc<str>, database: &str) -> anyhow::Result
         user: cfg.routing.catalog_user.clone(),
         database: database.to_owned(),
         password: cfg.routing.catalog_password.clone(),
-        tls: shared.backend_tls.clone(),
+        tls: shared.backend_tls().clone(),
         connect_timeout: cfg.pool.connect_timeout,
         max_message: cfg.max_message_size,
     };
@@ -137,15 +137,15 @@ async fn load(shared: &Shared, addr: Arc<str>, database: &str) -> anyhow::Result
 async fn refresh_loop(shared: Arc<Shared>, database: String) {
     let mut loaded = false;
     loop {
-        if *shared.shutdown.borrow() {
+        if *shared.shutdown().borrow() {
             return;
         }
-        let primary = shared.topology.borrow().primary.clone();
+        let primary = shared.topology().borrow().primary.clone();
         if let Some(addr) = primary {
             match load(&shared, addr, &database).await {
                 Ok(c) => {
                     debug!(%database, "relation catalog refreshed");
-                    if let Some(cache) = &shared.cache {
+                    if let Some(cache) = &shared.cache() {
                         cache.relations.set(&database, c);
                     }
                     loaded = true;
