@@ -19,6 +19,7 @@ pub mod cache;
 pub mod cancel;
 pub mod catalog;
 pub mod client;
+pub mod error;
 pub mod follow;
 pub mod handshake;
 pub mod health;
