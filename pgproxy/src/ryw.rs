@@ -181,10 +181,15 @@ pub fn commit_point(analysis: &Analysis, catalog: &FunctionCatalog, in_tx: bool)
 /// word): then no query may be pipelined behind it. Conservative: a false positive only
 /// learns the commit LSN later.
 pub fn may_copy(sql: &str) -> bool {
-    sql.as_bytes().windows(4).enumerate().any(|(i, w)| {
+    may_copy_bytes(sql.as_bytes())
+}
+
+/// [`may_copy`] of a text in any client encoding.
+pub fn may_copy_bytes(sql: &[u8]) -> bool {
+    sql.windows(4).enumerate().any(|(i, w)| {
         w.eq_ignore_ascii_case(b"copy")
-            && (i == 0 || !is_word_byte(sql.as_bytes()[i - 1]))
-            && sql.as_bytes().get(i + 4).is_none_or(|b| !is_word_byte(*b))
+            && (i == 0 || !is_word_byte(sql[i - 1]))
+            && sql.get(i + 4).is_none_or(|b| !is_word_byte(*b))
     })
 }
 

@@ -98,6 +98,16 @@ pub struct SessionEffect {
     pub reset_all: bool,
     /// The statement creates state that pins the client to its backend.
     pub pins: Option<PinReason>,
+    /// `DEALLOCATE` (and `DISCARD ALL`, which deallocates everything).
+    pub deallocate: Option<Deallocate>,
+}
+
+/// What a `DEALLOCATE` drops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deallocate {
+    All,
+    /// One statement, by name (folded like an identifier).
+    Name(String),
 }
 
 /// Why a statement pins the client to its backend.

@@ -15,7 +15,7 @@ use sqlparser::ast::{
     Value, Visit, Visitor,
 };
 
-use crate::analysis::{PinReason, StatementInfo, StatementKind, TxEffect};
+use crate::analysis::{Deallocate, PinReason, StatementInfo, StatementKind, TxEffect};
 
 /// Session-level advisory lock functions: they hold a lock past the end of the transaction.
 pub(crate) const SESSION_ADVISORY_LOCKS: &[&str] = &[
@@ -142,11 +142,22 @@ pub(crate) fn classify(stmt: &Statement) -> StatementInfo {
         }
         Statement::Discard { object_type } => {
             utility(&mut info, true);
-            info.session.reset_all = matches!(object_type, DiscardObject::ALL);
+            if matches!(object_type, DiscardObject::ALL) {
+                info.session.reset_all = true;
+                info.session.deallocate = Some(Deallocate::All);
+            }
         }
-        Statement::Deallocate { .. } | Statement::Fetch { .. } | Statement::Close { .. } => {
-            utility(&mut info, true)
+        Statement::Deallocate { name, .. } => {
+            utility(&mut info, true);
+            info.session.deallocate = Some(
+                if name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all") {
+                    Deallocate::All
+                } else {
+                    Deallocate::Name(fold(name))
+                },
+            );
         }
+        Statement::Fetch { .. } | Statement::Close { .. } => utility(&mut info, true),
         // A cursor outside a transaction block needs WITH HOLD; either way it is session
         // state, so DECLARE goes to the primary. Inside a read-only transaction the proxy keeps
         // the transaction's backend and this classification does not matter.
@@ -161,6 +172,21 @@ pub(crate) fn classify(stmt: &Statement) -> StatementInfo {
             temporary: true, ..
         } => info.session.pins = Some(PinReason::TempTable),
         Statement::Load { .. } => info.session.pins = Some(PinReason::Other),
+        // An object created in the session's temporary schema, however it is spelled.
+        Statement::CreateTable(t) if in_temp_schema(&t.name) => {
+            info.session.pins = Some(PinReason::TempTable)
+        }
+        Statement::CreateView(v) if in_temp_schema(&v.name) => {
+            info.session.pins = Some(PinReason::TempTable)
+        }
+        Statement::CreateSequence { name, .. }
+        | Statement::CreateType { name, .. }
+        | Statement::CreateDomain(sqlparser::ast::CreateDomain { name, .. })
+        | Statement::CreateFunction(sqlparser::ast::CreateFunction { name, .. })
+            if in_temp_schema(name) =>
+        {
+            info.session.pins = Some(PinReason::TempTable)
+        }
         // DML, DDL, CALL, LOCK, NOTIFY, UNLISTEN, EXECUTE, VACUUM, ANALYZE, ...: the defaults.
         _ => {}
     }
@@ -177,6 +203,15 @@ pub(crate) fn classify(stmt: &Statement) -> StatementInfo {
     info.tables = c.tables;
     info.functions = c.functions;
     info
+}
+
+/// `pg_temp.x` or `pg_temp_N.x`: the session's own temporary schema.
+fn in_temp_schema(name: &ObjectName) -> bool {
+    name.0.len() > 1
+        && name.0.first().is_some_and(|p| {
+            let schema = fold_part(p);
+            schema == "pg_temp" || schema.starts_with("pg_temp_")
+        })
 }
 
 fn utility(info: &mut StatementInfo, read_only_candidate: bool) {

@@ -259,7 +259,13 @@ fn unparsed(words: &[String]) -> StatementInfo {
         (second != "TRANSACTION").then_some(PinReason::SqlPrepare)
     } else if lead == "DECLARE" && has_pair("WITH", "HOLD") {
         Some(PinReason::HoldCursor)
-    } else if matches!(lead, "CREATE" | "SELECT" | "WITH") && (has("TEMP") || has("TEMPORARY")) {
+    } else if matches!(lead, "CREATE" | "SELECT" | "WITH")
+        && (has("TEMP")
+            || has("TEMPORARY")
+            || words
+                .iter()
+                .any(|w| w == "PG_TEMP" || w.starts_with("PG_TEMP_")))
+    {
         Some(PinReason::TempTable)
     } else if has("SET_CONFIG") || !NO_SESSION_STATE.contains(&lead) {
         Some(PinReason::Other)

@@ -28,7 +28,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 pub use analysis::{
-    Analysis, Hints, PinReason, SessionEffect, StatementInfo, StatementKind, TxEffect,
+    Analysis, Deallocate, Hints, PinReason, SessionEffect, StatementInfo, StatementKind, TxEffect,
 };
 pub use catalog::{FunctionCatalog, Volatility, SQL_SYNTAX_FUNCTIONS, VOLATILE_READ_SAFE};
 pub use fingerprint::{fingerprint, reusable, Fingerprint};

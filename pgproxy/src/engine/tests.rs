@@ -1,0 +1,1170 @@
+//! Engine tests: scripted message sequences against a model server ([`Model`], a small
+//! PostgreSQL protocol responder that fails loudly on what it does not know), and a
+//! property: for random client pipelines, what the client receives through the engine
+//! equals what it receives talking to the model directly, byte for byte, and the engine
+//! releases a backend only when the model is idle.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+use meridian_sqlroute::{Classifier, FunctionCatalog};
+use proptest::prelude::*;
+
+use super::*;
+use crate::protocol::frontend::{FrontendMsg, Target};
+use crate::wire::{self, try_frame, Frame};
+
+// ---------------------------------------------------------------------------
+// The model server
+// ---------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Portal {
+    text: String,
+    rows_left: Option<usize>,
+}
+
+/// A PostgreSQL-like responder over a tiny language: `select ...` returns three rows,
+/// `insert ...` one tag, `begin`/`commit`/`rollback`, `set ...`, `deallocate all`,
+/// `discard all`; any text containing `fail` fails when executed, `badparse` when parsed.
+struct Model {
+    statements: HashMap<Vec<u8>, (String, u16)>,
+    portals: HashMap<Vec<u8>, Portal>,
+    tx: u8,
+    skipping: bool,
+    /// Extended messages received since the last Sync (an open implicit transaction).
+    in_batch: bool,
+    out: VecDeque<Frame>,
+    received: usize,
+}
+
+fn text_of(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_ascii_lowercase()
+}
+
+impl Model {
+    fn new() -> Model {
+        Model {
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            tx: b'I',
+            skipping: false,
+            in_batch: false,
+            out: VecDeque::new(),
+            received: 0,
+        }
+    }
+
+    fn error(&mut self, code: &str, message: &str) {
+        self.out
+            .push_back(wire::error_response("ERROR", code, message));
+        if self.tx == b'T' {
+            self.tx = b'E';
+        }
+    }
+
+    /// Runs one statement; false when it failed.
+    fn run(&mut self, sql: &str, max_rows: i32, portal: Option<&[u8]>) -> bool {
+        let sql = sql.trim();
+        if self.tx == b'E' && !(sql.starts_with("commit") || sql.starts_with("rollback")) {
+            self.error(
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            );
+            return false;
+        }
+        if sql.contains("fail") {
+            self.error("22012", "division by zero");
+            return false;
+        }
+        let tag = if sql.is_empty() {
+            self.out.push_back(Frame::new(b'I', &[]));
+            return true;
+        } else if sql.starts_with("copy") {
+            // COPY is answered by hand in the tests that use it.
+            return true;
+        } else if sql.starts_with("select") {
+            if portal.is_none() {
+                self.out.push_back(wire::row_description_text("c"));
+            }
+            let left = match portal {
+                Some(p) => self
+                    .portals
+                    .get_mut(p)
+                    .and_then(|p| p.rows_left.as_mut())
+                    .map(|l| *l)
+                    .unwrap_or(3),
+                None => 3,
+            };
+            let n = if max_rows > 0 {
+                left.min(max_rows as usize)
+            } else {
+                left
+            };
+            for i in 0..n {
+                self.out
+                    .push_back(wire::data_row_text(&(3 - left + i + 1).to_string()));
+            }
+            if let Some(p) = portal.and_then(|p| self.portals.get_mut(p)) {
+                p.rows_left = Some(left - n);
+            }
+            if left - n > 0 {
+                self.out.push_back(Frame::new(b's', &[]));
+                return true;
+            }
+            format!("SELECT {n}")
+        } else if sql.starts_with("insert") {
+            "INSERT 0 1".to_owned()
+        } else if sql.starts_with("begin") {
+            self.tx = b'T';
+            "BEGIN".to_owned()
+        } else if sql.starts_with("commit") {
+            let failed = self.tx == b'E';
+            self.tx = b'I';
+            if failed { "ROLLBACK" } else { "COMMIT" }.to_owned()
+        } else if sql.starts_with("rollback") {
+            self.tx = b'I';
+            "ROLLBACK".to_owned()
+        } else if sql.starts_with("set") || sql.starts_with("reset") {
+            "SET".to_owned()
+        } else if sql.starts_with("deallocate all") {
+            self.statements.clear();
+            "DEALLOCATE ALL".to_owned()
+        } else if sql.starts_with("discard all") {
+            self.statements.clear();
+            self.portals.clear();
+            "DISCARD ALL".to_owned()
+        } else {
+            panic!("model server: unknown statement {sql:?}");
+        };
+        self.out.push_back(wire::command_complete(&tag));
+        true
+    }
+
+    fn handle(&mut self, f: &Frame) {
+        self.received += 1;
+        let msg = FrontendMsg::decode(f);
+        if self.skipping && !matches!(msg, FrontendMsg::Sync) {
+            return;
+        }
+        match msg {
+            FrontendMsg::Query(text) if text_of(&text).starts_with("copy") => {}
+            FrontendMsg::CopyData | FrontendMsg::CopyDone | FrontendMsg::CopyFail => {}
+            FrontendMsg::Query(text) => {
+                let text = text_of(&text);
+                let implicit = self.tx == b'I';
+                for stmt in text.split(';').filter(|s| !s.trim().is_empty()) {
+                    if !self.run(stmt, 0, None) {
+                        break;
+                    }
+                }
+                if text.trim().is_empty() {
+                    self.run("", 0, None);
+                }
+                if implicit && self.tx == b'E' {
+                    self.tx = b'I';
+                }
+                self.out.push_back(wire::ready_for_query(self.tx));
+            }
+            FrontendMsg::Parse(p) => {
+                self.in_batch = true;
+                let nparams = u16::from_be_bytes([p.param_types[0], p.param_types[1]]);
+                if !p.name.is_empty() && self.statements.contains_key(&p.name[..]) {
+                    let name = String::from_utf8_lossy(&p.name).into_owned();
+                    self.extended_error(
+                        "42P05",
+                        &format!("prepared statement \"{name}\" already exists"),
+                    );
+                } else if text_of(&p.query).contains("badparse") {
+                    self.extended_error("42601", "syntax error");
+                } else {
+                    self.statements
+                        .insert(p.name.to_vec(), (text_of(&p.query), nparams));
+                    self.out.push_back(Frame::new(b'1', &[]));
+                }
+            }
+            FrontendMsg::Bind(b) => {
+                self.in_batch = true;
+                match self.statements.get(&b.statement[..]) {
+                    Some((text, _)) => {
+                        let text = text.clone();
+                        self.portals.insert(
+                            b.portal.to_vec(),
+                            Portal {
+                                text,
+                                rows_left: None,
+                            },
+                        );
+                        self.out.push_back(Frame::new(b'2', &[]));
+                    }
+                    None => {
+                        let name = String::from_utf8_lossy(&b.statement).into_owned();
+                        self.extended_error(
+                            "26000",
+                            &format!("prepared statement \"{name}\" does not exist"),
+                        );
+                    }
+                }
+            }
+            FrontendMsg::Describe(t, name) => {
+                self.in_batch = true;
+                let text = match t {
+                    Target::Statement => self.statements.get(&name[..]).map(|(s, n)| {
+                        let mut body = n.to_be_bytes().to_vec();
+                        for _ in 0..*n {
+                            body.extend_from_slice(&23i32.to_be_bytes());
+                        }
+                        self.out.push_back(Frame::new(b't', &body));
+                        s.clone()
+                    }),
+                    Target::Portal => self.portals.get(&name[..]).map(|p| p.text.clone()),
+                };
+                match text {
+                    Some(s) if s.trim().starts_with("select") => {
+                        self.out.push_back(wire::row_description_text("c"))
+                    }
+                    Some(_) => self.out.push_back(Frame::new(b'n', &[])),
+                    None => self.extended_error("26000", "does not exist"),
+                }
+            }
+            FrontendMsg::Execute { portal, max_rows } => {
+                self.in_batch = true;
+                let Some(text) = self.portals.get(&portal[..]).map(|p| p.text.clone()) else {
+                    let name = String::from_utf8_lossy(&portal).into_owned();
+                    return self
+                        .extended_error("34000", &format!("portal \"{name}\" does not exist"));
+                };
+                if !self.run(&text, max_rows, Some(&portal)) {
+                    self.skipping = true;
+                }
+            }
+            FrontendMsg::Close(t, name) => {
+                self.in_batch = true;
+                match t {
+                    Target::Statement => self.statements.remove(&name[..]),
+                    Target::Portal => self.portals.remove(&name[..]).map(|_| (String::new(), 0)),
+                };
+                self.out.push_back(Frame::new(b'3', &[]));
+            }
+            FrontendMsg::Sync => {
+                self.skipping = false;
+                self.in_batch = false;
+                if self.tx == b'E' && self.portals.is_empty() {
+                    // An implicit transaction that failed is over.
+                }
+                if self.tx != b'T' && self.tx != b'E' {
+                    self.tx = b'I';
+                }
+                self.portals.retain(|_, _| self.tx != b'I');
+                self.out.push_back(wire::ready_for_query(self.tx));
+            }
+            FrontendMsg::Flush => {}
+            other => panic!("model server: unexpected {other:?}"),
+        }
+    }
+
+    fn extended_error(&mut self, code: &str, message: &str) {
+        self.error(code, message);
+        self.skipping = true;
+    }
+
+    /// No answer owed, no batch open, no transaction: a pool may hand it to another client.
+    fn idle(&self) -> bool {
+        self.out.is_empty() && !self.in_batch && self.tx == b'I'
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The harness: an engine, its two model backends, a scheduler
+// ---------------------------------------------------------------------------
+
+struct Harness {
+    engine: Engine,
+    models: [Model; 2],
+    states: [BackendState; 2],
+    held: [bool; 2],
+    classifier: Classifier,
+    catalog: FunctionCatalog,
+    replica: bool,
+    client_got: BytesMut,
+    waiting: VecDeque<Frame>,
+    closed: bool,
+    releases: usize,
+}
+
+fn idx(w: Which) -> usize {
+    match w {
+        Which::Primary => 0,
+        Which::Replica => 1,
+    }
+}
+
+fn which(i: usize) -> Which {
+    if i == 0 {
+        Which::Primary
+    } else {
+        Which::Replica
+    }
+}
+
+impl Harness {
+    fn new(mode: PoolMode, bound: bool, replica: bool) -> Harness {
+        Harness {
+            engine: Engine::new(EngineConfig {
+                mode,
+                bound,
+                client_key: (7, 8),
+                learns_commits: false,
+                cache_max_entry: 1 << 20,
+            }),
+            models: [Model::new(), Model::new()],
+            states: [
+                BackendState::new(100, vec![]),
+                BackendState::new(200, vec![]),
+            ],
+            held: [false, false],
+            classifier: Classifier::new(64),
+            catalog: FunctionCatalog::with_builtin_defaults(),
+            replica,
+            client_got: BytesMut::new(),
+            waiting: VecDeque::new(),
+            closed: false,
+            releases: 0,
+        }
+    }
+
+    /// Offers a client message; returns false when it must wait.
+    fn offer(&mut self, f: &Frame) -> bool {
+        let msg = FrontendMsg::decode(f);
+        let env = Env {
+            classifier: &self.classifier,
+            catalog: &self.catalog,
+            replica_available: self.replica,
+            held: (self.held[0], self.held[1]),
+        };
+        let step = self.engine.on_client(f, &msg, &env);
+        match step {
+            Step::Done | Step::Terminate => {}
+            Step::Wait => {
+                // What the engine sent to make the backend answer (a Flush, its own Sync).
+                self.pump_out();
+                return false;
+            }
+            Step::Route(route) => {
+                let i = idx(route.target);
+                self.held[i] = true;
+                let env = Env {
+                    classifier: &self.classifier,
+                    catalog: &self.catalog,
+                    replica_available: self.replica,
+                    held: (self.held[0], self.held[1]),
+                };
+                self.engine
+                    .dispatch(f, &msg, &route, &mut self.states[i], None, &env);
+            }
+        }
+        self.pump_out();
+        true
+    }
+
+    /// Moves what the engine wrote to the models and the client.
+    fn pump_out(&mut self) {
+        for i in 0..2 {
+            let mut bytes = std::mem::take(self.engine.out.backend(which(i)));
+            while let Some(f) = try_frame(&mut bytes, 1 << 30).expect("engine frames") {
+                self.models[i].handle(&f);
+            }
+        }
+        let out = std::mem::take(&mut self.engine.out.client);
+        self.client_got.extend_from_slice(&out);
+        while let Some(e) = self.engine.poll_event() {
+            match e {
+                Event::Release => {
+                    for i in 0..2 {
+                        if self.held[i] {
+                            assert!(
+                                self.models[i].idle(),
+                                "released backend {i} while it was not idle"
+                            );
+                            self.held[i] = false;
+                        }
+                    }
+                    self.releases += 1;
+                }
+                Event::Close => self.closed = true,
+                Event::Discard(w) => self.held[idx(w)] = false,
+                _ => {}
+            }
+        }
+    }
+
+    /// Delivers one pending backend message, if any; returns whether it did.
+    fn deliver_one(&mut self, prefer: usize) -> bool {
+        for i in [prefer % 2, (prefer + 1) % 2] {
+            if let Some(f) = self.models[i].out.pop_front() {
+                self.engine.on_backend(which(i), &f, &mut self.states[i]);
+                self.pump_out();
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Sends every client message, delivering backend answers as needed (and
+    /// `eagerness` of the time in between), then everything left.
+    fn run(&mut self, client: &[Frame], schedule: &[u8]) {
+        let mut sched = schedule.iter().copied().cycle();
+        for f in client {
+            self.waiting.push_back(f.clone());
+            while let Some(next) = self.waiting.front().cloned() {
+                if self.offer(&next) {
+                    self.waiting.pop_front();
+                    // Sometimes let backends answer before the next message.
+                    let r = sched.next().unwrap_or(0);
+                    for _ in 0..(r % 3) {
+                        self.deliver_one(r as usize);
+                    }
+                } else {
+                    assert!(
+                        self.deliver_one(sched.next().unwrap_or(0) as usize),
+                        "the engine waits but no backend has anything to say"
+                    );
+                }
+            }
+        }
+        while self.deliver_one(0) {}
+    }
+
+    fn client_frames(&self) -> Vec<Frame> {
+        frames(&self.client_got)
+    }
+}
+
+fn frames(bytes: &[u8]) -> Vec<Frame> {
+    let mut b = BytesMut::from(bytes);
+    let mut out = Vec::new();
+    while let Some(f) = try_frame(&mut b, 1 << 30).expect("frames") {
+        out.push(f);
+    }
+    out
+}
+
+fn tags(fs: &[Frame]) -> String {
+    fs.iter().map(|f| f.tag as char).collect()
+}
+
+/// What the client gets talking to the model directly.
+fn direct(client: &[Frame]) -> Vec<Frame> {
+    let mut m = Model::new();
+    let mut out = Vec::new();
+    for f in client {
+        m.handle(f);
+        out.extend(m.out.drain(..));
+    }
+    out
+}
+
+fn q(sql: &str) -> Frame {
+    frontend::query(sql.as_bytes())
+}
+fn p(name: &str, sql: &str) -> Frame {
+    frontend::parse(name.as_bytes(), sql.as_bytes(), &[0, 0])
+}
+fn b(portal: &str, stmt: &str) -> Frame {
+    frontend::bind_renamed(
+        &crate::protocol::frontend::Bind {
+            portal: Bytes::copy_from_slice(portal.as_bytes()),
+            statement: Bytes::new(),
+            rest: Bytes::from_static(&[0, 0, 0, 0, 0, 0]),
+        },
+        stmt.as_bytes(),
+    )
+}
+fn e(portal: &str, max: i32) -> Frame {
+    frontend::execute(portal.as_bytes(), max)
+}
+fn ds(name: &str) -> Frame {
+    frontend::target_msg(b'D', Target::Statement, name.as_bytes())
+}
+fn dp(name: &str) -> Frame {
+    frontend::target_msg(b'D', Target::Portal, name.as_bytes())
+}
+fn cs(name: &str) -> Frame {
+    frontend::target_msg(b'C', Target::Statement, name.as_bytes())
+}
+fn s() -> Frame {
+    frontend::sync()
+}
+fn h() -> Frame {
+    Frame::new(b'H', &[])
+}
+
+/// Runs `client` through the engine in `mode` and directly; asserts the same bytes.
+fn same_as_direct(mode: PoolMode, bound: bool, replica: bool, client: &[Frame], schedule: &[u8]) {
+    let mut h = Harness::new(mode, bound, replica);
+    h.run(client, schedule);
+    let got = h.client_frames();
+    let want = direct(client);
+    assert_eq!(
+        tags(&got),
+        tags(&want),
+        "through the engine vs directly ({mode:?}, bound {bound}, replica {replica}): {:?}",
+        got.iter()
+            .filter(|f| f.tag == b'E')
+            .map(be_msg::error_info)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(got, want);
+    assert!(!h.closed);
+}
+
+// ---------------------------------------------------------------------------
+// Scripted sequences
+// ---------------------------------------------------------------------------
+
+const ALL: [(PoolMode, bool, bool); 4] = [
+    (PoolMode::Session, true, false),
+    (PoolMode::Session, false, true),
+    (PoolMode::Transaction, false, false),
+    (PoolMode::Transaction, false, true),
+];
+
+fn in_all_modes(client: &[Frame]) {
+    for (mode, bound, replica) in ALL {
+        for schedule in [&[0u8][..], &[2, 1, 2, 0, 1]] {
+            same_as_direct(mode, bound, replica, client, schedule);
+        }
+    }
+}
+
+#[test]
+fn many_parse_bind_execute_without_sync_then_sync() {
+    let mut c = Vec::new();
+    for i in 0..20 {
+        let sql = if i % 3 == 0 {
+            "insert into t values (1)".to_owned()
+        } else {
+            format!("select {i}")
+        };
+        c.extend([p("", &sql), b("", ""), e("", 0)]);
+    }
+    c.push(s());
+    in_all_modes(&c);
+}
+
+#[test]
+fn an_error_in_a_pipeline_inside_a_transaction_then_rollback_in_the_same_pipeline() {
+    in_all_modes(&[
+        p("", "begin"),
+        b("", ""),
+        e("", 0),
+        p("", "insert into t values (1)"),
+        b("", ""),
+        e("", 0),
+        p("", "select fail"),
+        b("", ""),
+        e("", 0),
+        p("", "insert into t values (2)"),
+        b("", ""),
+        e("", 0),
+        s(),
+        p("", "rollback"),
+        b("", ""),
+        e("", 0),
+        s(),
+        q("select 1"),
+    ]);
+}
+
+#[test]
+fn an_error_in_a_pipeline_with_flush_and_no_sync_then_more_then_sync() {
+    // psycopg's pipeline mode: Flush after each query, Sync only at the end; the
+    // messages after the error must be skipped, then the Sync answered.
+    in_all_modes(&[
+        p("", "insert into t values (1)"),
+        b("", ""),
+        dp(""),
+        e("", 0),
+        h(),
+        p("", "select fail"),
+        b("", ""),
+        e("", 0),
+        h(),
+        p("", "commit"),
+        b("", ""),
+        e("", 0),
+        h(),
+        s(),
+        q("select 2"),
+    ]);
+}
+
+#[test]
+fn an_error_after_the_transaction_in_the_same_pipeline() {
+    in_all_modes(&[
+        q("begin"),
+        q("insert into t values (1)"),
+        q("commit"),
+        p("", "select fail"),
+        b("", ""),
+        e("", 0),
+        s(),
+        q("select 1"),
+    ]);
+}
+
+#[test]
+fn flush_without_sync_gets_answers_and_a_later_sync_ends_the_batch() {
+    in_all_modes(&[
+        p("s1", "select 1"),
+        ds("s1"),
+        h(),
+        b("", "s1"),
+        e("", 0),
+        h(),
+        s(),
+    ]);
+}
+
+#[test]
+fn a_multi_statement_query_is_one_implicit_transaction() {
+    in_all_modes(&[
+        q("insert into t values (1); select 1; insert into t values (2)"),
+        q("insert into t values (1); select fail; insert into t values (2)"),
+        q("select 1"),
+        q(""),
+    ]);
+}
+
+#[test]
+fn reprepare_on_another_backend_and_close_of_a_statement_in_use() {
+    in_all_modes(&[
+        p("s1", "select 1"),
+        s(),
+        b("", "s1"),
+        e("", 0),
+        s(),
+        q("insert into t values (1)"),
+        b("", "s1"),
+        e("", 0),
+        s(),
+        cs("s1"),
+        s(),
+        b("", "s1"),
+        e("", 0),
+        s(),
+        p("s1", "select 2"),
+        b("", "s1"),
+        e("", 0),
+        s(),
+    ]);
+}
+
+#[test]
+fn duplicate_statement_names_fail_as_on_the_server() {
+    in_all_modes(&[
+        p("s1", "select 1"),
+        s(),
+        q("begin"),
+        q("insert into t values (1)"),
+        p("s1", "select 2"),
+        b("", "s1"),
+        e("", 0),
+        s(),
+        q("commit"),
+    ]);
+}
+
+#[test]
+fn deallocate_all_and_discard_all_drop_statements() {
+    in_all_modes(&[
+        p("s1", "select 1"),
+        s(),
+        q("deallocate all"),
+        b("", "s1"),
+        e("", 0),
+        s(),
+        p("s1", "select 1"),
+        b("", "s1"),
+        e("", 0),
+        s(),
+        q("discard all"),
+        p("s1", "select 1"),
+        s(),
+    ]);
+}
+
+#[test]
+fn describe_of_a_portal_and_portal_suspension() {
+    in_all_modes(&[
+        q("begin"),
+        p("s", "select 1"),
+        b("c1", "s"),
+        dp("c1"),
+        e("c1", 2),
+        s(),
+        e("c1", 2),
+        e("c1", 2),
+        s(),
+        q("commit"),
+    ]);
+}
+
+#[test]
+fn a_failed_parse_forgets_the_name() {
+    in_all_modes(&[
+        p("s1", "badparse"),
+        b("", "s1"),
+        e("", 0),
+        s(),
+        p("s1", "select 1"),
+        b("", "s1"),
+        e("", 0),
+        s(),
+    ]);
+}
+
+#[test]
+fn an_empty_transaction_touches_no_backend() {
+    let mut h = Harness::new(PoolMode::Session, false, true);
+    h.run(&[q("BEGIN"), q("COMMIT")], &[0]);
+    assert_eq!(tags(&h.client_frames()), "CZCZ");
+    assert_eq!(h.models[0].received + h.models[1].received, 0);
+}
+
+#[test]
+fn a_write_after_a_read_in_one_batch_moves_to_the_primary() {
+    let mut h = Harness::new(PoolMode::Session, false, true);
+    let c = [
+        p("", "select 1"),
+        b("", ""),
+        e("", 0),
+        p("", "insert into t values (1)"),
+        b("", ""),
+        e("", 0),
+        s(),
+    ];
+    h.run(&c, &[0]);
+    assert_eq!(h.client_frames(), direct(&c));
+    // The read went to the replica, the write to the primary; the replica's part
+    // was ended by the proxy's own Sync.
+    assert_eq!(h.models[1].received, 4);
+    assert_eq!(h.models[0].received, 4);
+}
+
+#[test]
+fn transaction_pooling_releases_only_when_idle() {
+    let mut h = Harness::new(PoolMode::Transaction, false, false);
+    h.run(&[q("begin"), q("insert into t values (1)")], &[0]);
+    assert_eq!(h.releases, 0, "inside a transaction");
+    h.run(&[q("commit")], &[0]);
+    assert_eq!(h.releases, 1);
+    h.run(&[p("", "select 1"), b("", ""), e("", 0), h_flush()], &[0]);
+    assert_eq!(h.releases, 1, "a batch without Sync holds the backend");
+    h.run(&[s()], &[0]);
+    assert_eq!(h.releases, 2);
+}
+
+fn h_flush() -> Frame {
+    h()
+}
+
+#[test]
+fn a_backend_fatal_mid_statement_in_a_virtual_session_fails_the_statement_only() {
+    let mut h = Harness::new(PoolMode::Session, false, false);
+    h.run(&[q("select 1")], &[0]);
+    h.client_got.clear();
+    h.offer(&q("select 2"));
+    let fatal = wire::error_response(
+        "FATAL",
+        "57P01",
+        "terminating connection due to administrator command",
+    );
+    h.engine.on_backend_ended(Which::Primary, Some(&fatal));
+    h.pump_out();
+    let got = h.client_frames();
+    assert_eq!(tags(&got), "EZ");
+    let info = be_msg::error_info(&got[0]);
+    assert_eq!(info.severity, ErrorSeverity::Error);
+    assert_eq!(info.code, "57P01");
+    assert!(!h.closed);
+    assert!(!h.held[0], "discarded");
+    // The session goes on.
+    h.models[0] = Model::new();
+    h.client_got.clear();
+    h.run(&[q("select 3")], &[0]);
+    assert_eq!(tags(&h.client_frames()), "TDDDCZ");
+}
+
+#[test]
+fn a_backend_fatal_while_idle_in_a_transaction_ends_the_session_as_directly() {
+    let mut h = Harness::new(PoolMode::Transaction, false, false);
+    h.run(&[q("begin"), q("insert into t values (1)")], &[0]);
+    h.client_got.clear();
+    let fatal = wire::error_response(
+        "FATAL",
+        "25P03",
+        "terminating connection due to idle-in-transaction timeout",
+    );
+    h.engine
+        .on_backend(Which::Primary, &fatal, &mut h.states[0]);
+    h.pump_out();
+    let got = h.client_frames();
+    assert_eq!(got, vec![fatal]);
+    assert!(h.closed);
+}
+
+#[test]
+fn a_backend_fatal_while_idle_in_a_virtual_session_is_dropped_quietly() {
+    let mut h = Harness::new(PoolMode::Session, false, false);
+    h.run(&[q("select 1")], &[0]);
+    h.client_got.clear();
+    let fatal = wire::error_response(
+        "FATAL",
+        "57P05",
+        "terminating connection due to idle-session timeout",
+    );
+    h.engine
+        .on_backend(Which::Primary, &fatal, &mut h.states[0]);
+    h.pump_out();
+    assert!(h.client_frames().is_empty());
+    assert!(!h.closed);
+    assert!(!h.held[0]);
+}
+
+#[test]
+fn a_bound_session_ends_with_its_backend() {
+    let mut h = Harness::new(PoolMode::Session, true, false);
+    h.run(&[q("select 1")], &[0]);
+    h.engine.on_backend_ended(Which::Primary, None);
+    h.pump_out();
+    assert!(h.closed);
+    let got = h.client_frames();
+    let last = be_msg::error_info(got.last().unwrap());
+    assert_eq!(last.severity, ErrorSeverity::Fatal);
+    assert_eq!(last.code, "08006");
+}
+
+#[test]
+fn copy_in_with_a_sync_pipelined_behind_it_and_copy_fail() {
+    // Extended COPY FROM STDIN: the Sync sent behind the Execute is ignored by the
+    // server during COPY; the client sends another after CopyDone.
+    let mut h = Harness::new(PoolMode::Session, false, false);
+    let copy_in = Frame::new(b'G', &[0, 0, 0]);
+    h.offer(&p("", "copy t from stdin"));
+    h.offer(&b("", ""));
+    h.offer(&e("", 0));
+    h.offer(&s());
+    // The model does not speak COPY: answer by hand.
+    h.models[0].out.clear();
+    for f in [
+        Frame::new(b'1', &[]),
+        Frame::new(b'2', &[]),
+        copy_in.clone(),
+    ] {
+        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
+    }
+    h.pump_out();
+    let before = h.models[0].received;
+    h.engine.out.backend(Which::Primary).clear();
+    for f in [Frame::new(b'd', b"1\n"), Frame::new(b'c', &[]), s()] {
+        let msg = FrontendMsg::decode(&f);
+        let env = Env {
+            classifier: &h.classifier,
+            catalog: &h.catalog,
+            replica_available: false,
+            held: (true, false),
+        };
+        match h.engine.on_client(&f, &msg, &env) {
+            Step::Route(r) => {
+                let env = Env {
+                    classifier: &h.classifier,
+                    catalog: &h.catalog,
+                    replica_available: false,
+                    held: (true, false),
+                };
+                h.engine
+                    .dispatch(&f, &msg, &r, &mut h.states[0], None, &env);
+            }
+            Step::Done => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let sent = frames(&std::mem::take(h.engine.out.backend(Which::Primary)));
+    assert_eq!(
+        tags(&sent),
+        "dcS",
+        "copy data, done, and the new Sync reach the server"
+    );
+    assert_eq!(h.models[0].received, before);
+    for f in [
+        wire::command_complete("COPY 1"),
+        wire::ready_for_query(b'I'),
+    ] {
+        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
+    }
+    h.pump_out();
+    assert_eq!(tags(&h.client_frames()), "12GCZ");
+    assert!(h.engine.is_idle());
+
+    // CopyFail: the server errors, then the client's Sync gets ReadyForQuery.
+    let mut h = Harness::new(PoolMode::Session, false, false);
+    h.offer(&q("copy t from stdin"));
+    h.models[0].out.clear();
+    h.engine
+        .on_backend(Which::Primary, &copy_in, &mut h.states[0]);
+    h.pump_out();
+    let f = Frame::new(b'f', b"no\0");
+    let msg = FrontendMsg::decode(&f);
+    let env = Env {
+        classifier: &h.classifier,
+        catalog: &h.catalog,
+        replica_available: false,
+        held: (true, false),
+    };
+    assert!(matches!(h.engine.on_client(&f, &msg, &env), Step::Done));
+    assert_eq!(tags(&frames(h.engine.out.backend(Which::Primary))), "f");
+    for f in [
+        wire::error_response("ERROR", "57014", "COPY from stdin failed: no"),
+        wire::ready_for_query(b'I'),
+    ] {
+        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
+    }
+    h.pump_out();
+    assert_eq!(tags(&h.client_frames()), "GEZ");
+}
+
+#[test]
+fn copy_out_passes_through() {
+    let mut h = Harness::new(PoolMode::Session, false, true);
+    h.offer(&q("copy (select 1) to stdout"));
+    h.models[1].out.clear();
+    h.models[0].out.clear();
+    let w = if h.held[1] {
+        Which::Replica
+    } else {
+        Which::Primary
+    };
+    for f in [
+        Frame::new(b'H', &[0, 0, 0]),
+        Frame::new(b'd', b"1\n"),
+        Frame::new(b'c', &[]),
+        wire::command_complete("COPY 1"),
+        wire::ready_for_query(b'I'),
+    ] {
+        h.engine.on_backend(w, &f, &mut h.states[idx(w)]);
+    }
+    h.pump_out();
+    assert_eq!(tags(&h.client_frames()), "HdcCZ");
+}
+
+#[test]
+fn notifications_from_the_own_backend_carry_the_clients_pid() {
+    let mut h = Harness::new(PoolMode::Session, false, false);
+    h.run(&[q("select 1")], &[0]);
+    h.client_got.clear();
+    let mut body = 100i32.to_be_bytes().to_vec();
+    body.extend_from_slice(b"ch\0\0");
+    h.engine
+        .on_backend(Which::Primary, &Frame::new(b'A', &body), &mut h.states[0]);
+    let mut other = 555i32.to_be_bytes().to_vec();
+    other.extend_from_slice(b"ch\0\0");
+    h.engine
+        .on_backend(Which::Primary, &Frame::new(b'A', &other), &mut h.states[0]);
+    h.pump_out();
+    let got = h.client_frames();
+    assert_eq!(be_msg::notification_pid(&got[0]), Some(7));
+    assert_eq!(be_msg::notification_pid(&got[1]), Some(555));
+}
+
+#[test]
+fn login_reports_the_servers_parameters_and_refusals_end_it() {
+    let mut h = Harness::new(PoolMode::Session, true, false);
+    h.states[0]
+        .server_params
+        .push(("in_hot_standby".into(), "on".into()));
+    h.engine.start_login(
+        Which::Primary,
+        &mut h.states[0],
+        &[("client_encoding".into(), "utf-8".into())],
+    );
+    let sent = frames(h.engine.out.backend(Which::Primary));
+    assert_eq!(sent.len(), 1);
+    h.engine.out.backend(Which::Primary).clear();
+    for f in [
+        wire::parameter_status("client_encoding", "UTF8"),
+        wire::command_complete("SET"),
+        wire::ready_for_query(b'I'),
+    ] {
+        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
+    }
+    h.pump_out();
+    let got = h.client_frames();
+    assert_eq!(tags(&got), "SSKZ");
+    assert_eq!(
+        be_msg::parameter_status(&got[0]),
+        Some((&b"in_hot_standby"[..], &b"off"[..]))
+    );
+    assert_eq!(
+        be_msg::parameter_status(&got[1]),
+        Some((&b"client_encoding"[..], &b"UTF8"[..]))
+    );
+
+    let mut h = Harness::new(PoolMode::Session, true, false);
+    h.engine.start_login(
+        Which::Primary,
+        &mut h.states[0],
+        &[("nonsense".into(), "1".into())],
+    );
+    for f in [
+        wire::error_response(
+            "ERROR",
+            "42704",
+            "unrecognized configuration parameter \"nonsense\"",
+        ),
+        wire::ready_for_query(b'I'),
+    ] {
+        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
+    }
+    h.pump_out();
+    let got = h.client_frames();
+    assert_eq!(tags(&got), "E");
+    let info = be_msg::error_info(&got[0]);
+    assert_eq!(
+        (info.severity, info.code.as_str()),
+        (ErrorSeverity::Fatal, "42704")
+    );
+    assert!(h.closed);
+}
+
+#[test]
+fn meridian_settings_answered_locally_and_a_bad_value_fails_the_transaction() {
+    let mut h = Harness::new(PoolMode::Session, false, false);
+    h.run(
+        &[
+            q("SET meridian.max_staleness = '2s'"),
+            q("SHOW meridian.max_staleness"),
+        ],
+        &[0],
+    );
+    assert_eq!(tags(&h.client_frames()), "CZTDCZ");
+    assert_eq!(h.models[0].received, 0);
+    h.client_got.clear();
+    // Inside a transaction, a bad value fails the transaction as the server would.
+    h.run(
+        &[
+            q("begin"),
+            q("insert into t values (1)"),
+            q("SET meridian.max_staleness = 'soon'"),
+        ],
+        &[0],
+    );
+    let got = h.client_frames();
+    let last_error = got.iter().rev().find(|f| f.tag == b'E').unwrap();
+    assert_eq!(be_msg::error_info(last_error).code, "22023");
+    assert_eq!(got.last().unwrap().body(), b"E");
+    assert_eq!(h.models[0].tx, b'E', "the backend's transaction failed too");
+}
+
+// ---------------------------------------------------------------------------
+// The property: random pipelines, random answer timing
+// ---------------------------------------------------------------------------
+
+fn statement() -> impl Strategy<Value = &'static str> {
+    prop_oneof![
+        4 => Just("select 1"),
+        2 => Just("insert into t values (1)"),
+        1 => Just("select fail"),
+        1 => Just("begin"),
+        1 => Just("commit"),
+        1 => Just("rollback"),
+        1 => Just("set search_path = public"),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Query(&'static str),
+    /// Parse (named or not) + Bind + optional Describe + Execute.
+    Group {
+        name: Option<u8>,
+        sql: &'static str,
+        describe: bool,
+    },
+    /// Bind + Execute of a named statement prepared earlier.
+    Reuse(u8),
+    Close(u8),
+    Sync,
+    Flush,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => statement().prop_map(Op::Query),
+        4 => (proptest::option::of(0u8..3), statement(), any::<bool>())
+            .prop_map(|(name, sql, describe)| Op::Group { name, sql, describe }),
+        2 => (0u8..3).prop_map(Op::Reuse),
+        1 => (0u8..3).prop_map(Op::Close),
+        3 => Just(Op::Sync),
+        1 => Just(Op::Flush),
+    ]
+}
+
+fn render(ops: &[Op]) -> Vec<Frame> {
+    let mut out = Vec::new();
+    for o in ops {
+        match o {
+            Op::Query(sql) => out.push(q(sql)),
+            Op::Group {
+                name,
+                sql,
+                describe,
+            } => {
+                let n = name.map(|n| format!("s{n}")).unwrap_or_default();
+                out.push(p(&n, sql));
+                out.push(b("", &n));
+                if *describe {
+                    out.push(dp(""));
+                }
+                out.push(e("", 0));
+            }
+            Op::Reuse(n) => {
+                out.push(b("", &format!("s{n}")));
+                out.push(e("", 0));
+            }
+            Op::Close(n) => out.push(cs(&format!("s{n}"))),
+            Op::Sync => out.push(s()),
+            Op::Flush => out.push(h()),
+        }
+    }
+    // Every pipeline ends with a Sync and a rollback so that the model ends idle.
+    out.push(s());
+    out.push(q("rollback"));
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(400), ..ProptestConfig::default() })]
+
+    #[test]
+    fn through_the_engine_equals_directly(
+        ops in proptest::collection::vec(op(), 1..40),
+        schedule in proptest::collection::vec(any::<u8>(), 1..16),
+        mode in 0usize..4,
+    ) {
+        let (pool, bound, replica) = ALL[mode];
+        let client = render(&ops);
+        let mut h = Harness::new(pool, bound, replica);
+        h.run(&client, &schedule);
+        let got = h.client_frames();
+        let want = direct(&client);
+        prop_assert_eq!(tags(&got), tags(&want));
+        prop_assert_eq!(got, want);
+        prop_assert!(!h.closed);
+        prop_assert!(h.engine.is_idle());
+        // Idle exactly when the protocol says: the models owe nothing.
+        for m in &h.models {
+            prop_assert!(m.out.is_empty());
+        }
+    }
+}
