@@ -117,6 +117,20 @@ class Ctx:
         return n
 
 
+def cleanup(ctx, *statements):
+    """Runs each statement on a fresh connection, ignoring errors (they must not hide
+    the check's own failure)."""
+    try:
+        c = ctx.connect(autocommit=True)
+    except Exception:  # noqa: BLE001 - cleanup only
+        return
+    for sql in statements:
+        try:
+            c.execute(sql)
+        except Exception:  # noqa: BLE001 - cleanup only
+            pass
+
+
 def prepared_statements(conn):
     """As psycopg's tests/test_prepared.py get_prepared_statements."""
     return conn.execute(
@@ -670,9 +684,8 @@ def tpc_commit_prepared(ctx):
         ensure(left == 0, "nothing left prepared")
         conn.commit()
     finally:
-        conn.rollback()
-        conn.execute(f"drop table if exists {t}")
-        conn.commit()
+        # A fresh connection: conn may be in the middle of the two-phase transaction.
+        cleanup(ctx, f"rollback prepared '{gid}'", f"drop table if exists {t}")
 
 
 @check("two_phase")
@@ -695,8 +708,7 @@ def tpc_rollback_prepared_from_other_connection(ctx):
         ensure(n == 0, f"{n} rows after tpc_rollback")
         other.commit()
     finally:
-        c = ctx.connect(autocommit=True)
-        c.execute(f"drop table if exists {t}")
+        cleanup(ctx, f"drop table if exists {t}")
 
 
 @check("temp_unlogged")
@@ -782,11 +794,12 @@ def isolation(ctx, setup, probe, own_probe):
     else:
         for sql in setup:
             a.execute(sql)
-    b = ctx.connect(autocommit=True)
     answer, error = [], []
 
     def run_b():
+        # b connects here too: a proxy may hold b's login until a backend is free.
         try:
+            b = ctx.connect(autocommit=True)
             answer.append(b.execute(probe, prepare=False).fetchone()[0])
         except Exception as ex:  # noqa: BLE001 - reported below
             error.append(ex)
