@@ -15,6 +15,7 @@ never to act on them. The checks mirror tests of psycopg 3.3.4's own suite that
 failed through the proxy; each names the upstream test it follows.
 """
 
+import asyncio
 import os
 import select
 import signal
@@ -41,8 +42,12 @@ class CheckFailed(Exception):
     pass
 
 
-def check(group):
+def check(group, repeat=1):
+    """Registers a check of `group`; `repeat` runs it that many times (each with fresh
+    connections), for behaviour that depends on how messages happen to be split."""
+
     def register(fn):
+        fn.repeat = repeat
         GROUPS.setdefault(group, []).append(fn)
         return fn
 
@@ -143,7 +148,7 @@ def prepared_statements(conn):
 # --- pipeline mode ---------------------------------------------------------
 
 
-@check("pipeline")
+@check("pipeline", repeat=5)
 def pipeline_error_then_commit_then_rollback(ctx):
     """tests/test_pipeline.py::test_errors_raised_on_commit"""
     conn = ctx.connect()
@@ -157,7 +162,7 @@ def pipeline_error_then_commit_then_rollback(ctx):
     ensure(cur2.fetchone() == (2,), "select 2 after the pipeline")
 
 
-@check("pipeline")
+@check("pipeline", repeat=5)
 def pipeline_error_then_rollback_autocommit(ctx):
     """tests/test_pipeline.py::test_rollback_explicit"""
     conn = ctx.connect(autocommit=True)
@@ -172,7 +177,7 @@ def pipeline_error_then_rollback_autocommit(ctx):
     ensure(cur.fetchone() == (1,), "select 1 after the rollback")
 
 
-@check("pipeline")
+@check("pipeline", repeat=5)
 def pipeline_commit_aborted(ctx):
     """tests/test_pipeline.py::test_pipeline_commit_aborted"""
     conn = ctx.connect()
@@ -188,7 +193,7 @@ def pipeline_commit_aborted(ctx):
     ensure(conn.execute("select 3").fetchone() == (3,), "the connection is usable afterwards")
 
 
-@check("pipeline")
+@check("pipeline", repeat=5)
 def pipeline_error_on_deferred_commit(ctx):
     """tests/test_pipeline.py::test_error_on_commit"""
     conn = ctx.connect()
@@ -212,7 +217,7 @@ def pipeline_error_on_deferred_commit(ctx):
         conn.commit()
 
 
-@check("pipeline")
+@check("pipeline", repeat=5)
 def pipeline_transaction_block_error(ctx):
     """tests/test_pipeline.py::test_errors_raised_on_transaction_exit"""
     conn = ctx.connect()
@@ -232,7 +237,7 @@ def pipeline_transaction_block_error(ctx):
     ensure(cur1.fetchone() == (1,) and cur2.fetchone() == (2,), "results after the block")
 
 
-@check("pipeline")
+@check("pipeline", repeat=5)
 def pipeline_many_statements_before_sync(ctx):
     """Thousands of queued statements (parameters and results both ways) before one Sync."""
     conn = ctx.connect(autocommit=True)
@@ -252,7 +257,7 @@ def pipeline_many_statements_before_sync(ctx):
         conn.execute(f"drop table if exists {t}")
 
 
-@check("pipeline")
+@check("pipeline", repeat=5)
 def pipeline_flush_without_sync(ctx):
     """libpq pipeline: a result requested with PQsendFlushRequest, before any Sync."""
     conn = ctx.connect(autocommit=True)
@@ -286,7 +291,7 @@ def pipeline_flush_without_sync(ctx):
     ensure(conn.execute("select 7").fetchone() == (7,), "usable after the pipeline")
 
 
-@check("pipeline")
+@check("pipeline", repeat=5)
 def pipeline_auto_prepare(ctx):
     """tests/test_pipeline.py::test_auto_prepare"""
     conn = ctx.connect(autocommit=True)
@@ -301,7 +306,7 @@ def pipeline_auto_prepare(ctx):
     ensure(res == [0] * 5 + [1] * 5, f"pg_prepared_statements counts {res}")
 
 
-@check("pipeline")
+@check("pipeline", repeat=5)
 def pipeline_statement_prepared_in_pipeline_reused(ctx):
     """A statement psycopg prepares inside a pipeline keeps working after it."""
     conn = ctx.connect(autocommit=True)
@@ -312,7 +317,105 @@ def pipeline_statement_prepared_in_pipeline_reused(ctx):
     ensure(conn.execute("select %s::int * 2", [21]).fetchone() == (42,), "after the pipeline")
 
 
+def run_async(ctx, coro_fn, within=10):
+    """Runs an asyncio check on psycopg's AsyncConnection; on a hang the task is
+    abandoned after its connections are cut (awaiting a cancelled pipeline could
+    hang as well)."""
+    conns = []
+
+    async def connect(**kw):
+        kw.setdefault("connect_timeout", 10)
+        c = await psycopg.AsyncConnection.connect(ctx.dsn, **kw)
+        conns.append(c)
+        return c
+
+    async def main():
+        task = asyncio.ensure_future(coro_fn(connect))
+        done, _ = await asyncio.wait({task}, timeout=within)
+        if not done:
+            for c in conns:
+                c.pgconn.finish()
+            task.cancel()
+            raise CheckFailed(f"hang: no result within {within} s")
+        for c in conns:
+            await c.close()
+        task.result()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+@check("pipeline", repeat=5)
+def pipeline_async_commit_aborted(ctx):
+    """tests/test_pipeline_async.py::test_pipeline_commit_aborted (hung through the proxy)"""
+
+    async def run(connect):
+        conn = await connect()
+        try:
+            async with conn.pipeline():
+                await conn.execute("select error")
+                await conn.execute(f"create table voila_{RUN} ()")
+                await conn.commit()
+            raise CheckFailed("the pipeline's error was not raised")
+        except (e.UndefinedColumn, e.OperationalError):
+            pass
+        await conn.rollback()
+        cur = await conn.execute("select 3")
+        ensure(await cur.fetchone() == (3,), "the connection is usable afterwards")
+
+    run_async(ctx, run)
+
+
+@check("pipeline", repeat=5)
+def pipeline_async_error_then_commit_then_rollback(ctx):
+    """tests/test_pipeline_async.py::test_errors_raised_on_commit"""
+
+    async def run(connect):
+        conn = await connect()
+        async with conn.pipeline():
+            await conn.execute("select 1 from nosuchtable")
+            try:
+                await conn.commit()
+                raise CheckFailed("commit after an error did not raise")
+            except e.UndefinedTable:
+                pass
+            await conn.rollback()
+            cur1 = await conn.execute("select 1")
+        cur2 = await conn.execute("select 2")
+        ensure(await cur1.fetchone() == (1,) and await cur2.fetchone() == (2,), "results")
+
+    run_async(ctx, run)
+
+
+@check("pipeline", repeat=5)
+def pipeline_auto_prepare_after_another_client(ctx):
+    """test_auto_prepare as the suite runs it: earlier clients prepared statements too."""
+    prev = ctx.connect(autocommit=True)
+    prev.prepare_threshold = 0
+    prev.execute("select 'left behind'")
+    prev.close()
+    pipeline_auto_prepare(ctx)
+
+
 # --- prepared statements ---------------------------------------------------
+
+
+@check("prepared")
+def prepared_none_left_by_a_previous_client(ctx):
+    """A new connection sees no prepared statement of an earlier client."""
+    for i in range(3):
+        prev = ctx.connect(autocommit=True)
+        prev.prepare_threshold = 0
+        prev.execute(f"select 'left behind {i}'")
+        mine = prepared_statements(prev)
+        ensure(len(mine) == 1, f"the earlier client sees {mine}, want its own one")
+        prev.close()
+    conn = ctx.connect(autocommit=True)
+    left = prepared_statements(conn)
+    ensure(not left, f"a new connection sees {left}")
 
 
 @check("prepared")
@@ -938,7 +1041,13 @@ def run_check(ctx, fn):
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(CHECK_TIMEOUT)
     try:
-        fn(ctx)
+        for i in range(fn.repeat):
+            try:
+                fn(ctx)
+            except CheckFailed as ex:
+                raise CheckFailed(f"{ex} (run {i + 1} of {fn.repeat})" if fn.repeat > 1 else str(ex))
+            finally:
+                ctx.close_all()
         return None
     except CheckFailed as ex:
         return str(ex)
