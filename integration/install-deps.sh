@@ -19,6 +19,9 @@ packages=(
     postgresql-15 postgresql-client-15 pgbouncer etcd-server redis-server haproxy
     protobuf-compiler libprotobuf-dev
     debootstrap   # deploy/bootstrap-base-image.sh builds the containers' base image offline
+    # tests/drivers.rs: pgjdbc and a JDK to compile its check program; a venv
+    # for the Python drivers (psycopg, asyncpg: pinned, from the package index)
+    default-jdk-headless libpostgresql-jdbc-java python3-venv
 )
 
 installed() {
