@@ -78,7 +78,11 @@ async fn every_login_method_carries_the_pipelined_query_and_a_refused_one_runs_n
             "{user}"
         );
         // The connection is in step afterwards: idle, and answering.
-        assert_eq!(conn.tx_status, b'I', "{user}");
+        assert_eq!(
+            conn.state.tx_status,
+            meridian_pgproxy::protocol::backend::TxStatus::Idle,
+            "{user}"
+        );
         let again = conn.simple_query("SELECT 1").await.unwrap();
         assert_eq!(again, vec![vec![Some("1".to_owned())]], "{user}");
         conn.terminate().await;

@@ -9,7 +9,6 @@
 //! its transaction status, which prepared statements it holds, and whether it
 //! must be reset before another client may use it.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,8 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::engine::backend_state::{BackendState, Reset};
+use crate::protocol::backend::TxStatus;
 use crate::stream::MaybeTls;
 use crate::tls::BackendTls;
 use crate::wire::{self, Frame};
@@ -89,37 +90,18 @@ pub struct ConnectParams {
     pub max_message: usize,
 }
 
-/// What must happen to a connection before another client may use it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reset {
-    None,
-    /// Session parameters were changed: `RESET ALL`.
-    Params,
-    /// Session state (temp tables, locks, listeners, cursors) may remain: `DISCARD ALL`.
-    Discard,
-}
-
 pub struct BackendConn {
     stream: MaybeTls,
     rbuf: BytesMut,
     wbuf: BytesMut,
     pub addr: Arc<str>,
-    pub pid: i32,
+    /// The cancel key's secret (the process id is `state.pid`).
     pub secret: i32,
-    /// `ParameterStatus` values reported at startup.
-    pub params: Vec<(String, String)>,
-    /// Server-side names of the statements prepared on this connection.
-    pub prepared: HashSet<String>,
-    /// Hash of the statement held as the unnamed statement.
-    pub unnamed: Option<u64>,
-    /// Transaction status from the last `ReadyForQuery`.
-    pub tx_status: u8,
+    /// What the session engine knows and keeps about this connection.
+    pub state: BackendState,
     /// Set when the connection cannot be trusted any more (I/O error, protocol confusion).
     pub broken: bool,
     pub last_used: Instant,
-    pub reset: Reset,
-    /// Hash of the session parameters applied here (0: server defaults).
-    pub params_hash: u64,
     /// The leader epoch this connection was fenced in at (primary of an etcd topology).
     pub fence_epoch: Option<u64>,
     max_message: usize,
@@ -171,19 +153,13 @@ impl BackendConn {
         let stream = Self::negotiate_tls(tcp, p).await?;
         let mut conn = BackendConn {
             stream,
-            rbuf: BytesMut::with_capacity(16 * 1024),
-            wbuf: BytesMut::with_capacity(16 * 1024),
+            rbuf: BytesMut::with_capacity(READ_BUFFER),
+            wbuf: BytesMut::with_capacity(READ_BUFFER),
             addr: p.addr.clone(),
-            pid: 0,
             secret: 0,
-            params: Vec::new(),
-            prepared: HashSet::new(),
-            unnamed: None,
-            tx_status: b'I',
+            state: BackendState::new(0, Vec::new()),
             broken: false,
             last_used: Instant::now(),
-            reset: Reset::None,
-            params_hash: 0,
             fence_epoch: None,
             max_message: p.max_message,
         };
@@ -320,15 +296,15 @@ impl BackendConn {
                 backend::Message::ParameterStatus(body) => {
                     let name = body.name().map_err(BackendError::Io)?.to_owned();
                     let value = body.value().map_err(BackendError::Io)?.to_owned();
-                    self.params.push((name, value));
+                    self.state.server_params.push((name, value));
                 }
                 backend::Message::BackendKeyData(body) => {
-                    self.pid = body.process_id();
+                    self.state.pid = body.process_id();
                     self.secret = body.secret_key();
                 }
                 backend::Message::NoticeResponse(_) => {}
-                backend::Message::ReadyForQuery(body) => {
-                    self.tx_status = body.status();
+                backend::Message::ReadyForQuery(_) => {
+                    self.state.tx_status = TxStatus::Idle;
                     return Ok(());
                 }
                 backend::Message::ErrorResponse(body) => {
@@ -342,11 +318,9 @@ impl BackendConn {
                             _ => {}
                         }
                     }
-                    return Err(if code.starts_with("28") {
-                        BackendError::Auth(message)
-                    } else {
-                        BackendError::Server { code, message }
-                    });
+                    // The server's own refusal (28000, 28P01, 3D000, ...) keeps its code:
+                    // the session passes it on to the client as the server said it.
+                    return Err(BackendError::Server { code, message });
                 }
                 _ => {
                     return Err(BackendError::Protocol(
@@ -380,11 +354,35 @@ impl BackendConn {
         }
     }
 
+    /// A connection over an already logged-in stream (in-process backends of tests).
+    pub fn from_stream(
+        stream: MaybeTls,
+        addr: Arc<str>,
+        state: BackendState,
+        max_message: usize,
+    ) -> BackendConn {
+        BackendConn {
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            wbuf: BytesMut::with_capacity(16 * 1024),
+            addr,
+            secret: 0,
+            state,
+            broken: false,
+            last_used: Instant::now(),
+            fence_epoch: None,
+            max_message,
+        }
+    }
+
     /// Reads one whole backend message. Cancel-safe: bytes read stay buffered.
     pub async fn read_frame(&mut self) -> Result<Frame, BackendError> {
         loop {
             match wire::try_frame(&mut self.rbuf, self.max_message) {
-                Ok(Some(f)) => return Ok(f),
+                Ok(Some(f)) => {
+                    wire::shrink_after_large(&mut self.rbuf, READ_BUFFER);
+                    return Ok(f);
+                }
                 Ok(None) => {}
                 Err(e) => {
                     self.broken = true;
@@ -418,6 +416,16 @@ impl BackendConn {
         self.wbuf.extend_from_slice(bytes);
     }
 
+    /// Takes the bytes of `out` to send (no copy when nothing else is queued).
+    pub fn queue_buf(&mut self, out: &mut BytesMut) {
+        if self.wbuf.is_empty() {
+            std::mem::swap(&mut self.wbuf, out);
+        } else {
+            self.wbuf.extend_from_slice(out);
+            out.clear();
+        }
+    }
+
     pub fn has_queued(&self) -> bool {
         !self.wbuf.is_empty()
     }
@@ -428,6 +436,7 @@ impl BackendConn {
         }
         let r = self.stream.write_all(&self.wbuf).await;
         self.wbuf.clear();
+        wire::shrink_after_large(&mut self.wbuf, READ_BUFFER);
         if let Err(e) = r {
             self.broken = true;
             return Err(e.into());
@@ -457,12 +466,17 @@ impl BackendConn {
             let f = self.read_frame().await?;
             match f.tag {
                 b'D' => rows.push(decode_text_row(&f)?),
+                b'S' => {
+                    if let Some((name, value)) = crate::protocol::backend::parameter_status(&f) {
+                        self.state.observe_parameter(name, value);
+                    }
+                }
                 b'E' => {
                     let (_, code, message) = wire::error_fields(&f);
                     error = Some(BackendError::Server { code, message });
                 }
                 b'Z' => {
-                    self.tx_status = wire::ready_status(&f);
+                    self.state.tx_status = crate::protocol::backend::ready_status(&f);
                     self.last_used = Instant::now();
                     return match error {
                         Some(e) => Err(e),
@@ -485,10 +499,9 @@ impl BackendConn {
     /// cursors) is handed to another client.
     pub async fn discard_session_state(&mut self) -> Result<(), BackendError> {
         self.simple_query("DISCARD ALL").await?;
-        self.prepared.clear();
-        self.unnamed = None;
-        self.params_hash = 0;
-        self.reset = Reset::None;
+        self.state.forget_statements();
+        self.state.params_hash = 0;
+        self.state.reset = Reset::None;
         Ok(())
     }
 
@@ -500,6 +513,9 @@ impl BackendConn {
         let _ = self.stream.shutdown().await;
     }
 }
+
+/// The size buffers start at and shrink back to after carrying a large message.
+const READ_BUFFER: usize = 16 * 1024;
 
 /// `work` bounded by `connect_timeout` (running out is [`BackendError::Timeout`]).
 async fn within_connect_timeout<T>(

@@ -35,6 +35,20 @@ impl CancelRegistry {
         }
     }
 
+    /// Issues a key for a client that was given backend process id `pid` (a session
+    /// bound to that backend): only the secret is chosen, unique for that pid.
+    pub fn register_with_pid(&self, pid: i32) -> ((i32, i32), CancelSlot) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let key = (pid, rand::random::<i32>());
+            if let std::collections::hash_map::Entry::Vacant(v) = map.entry(key) {
+                let slot = CancelSlot::default();
+                v.insert(slot.clone());
+                return (key, slot);
+            }
+        }
+    }
+
     pub fn unregister(&self, key: (i32, i32)) {
         self.map
             .lock()

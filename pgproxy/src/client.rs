@@ -66,6 +66,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
     pub async fn read_frame(&mut self) -> Result<Frame, ClientError> {
         loop {
             if let Some(f) = wire::try_frame(&mut self.rbuf, self.max_message)? {
+                wire::shrink_after_large(&mut self.rbuf, 8 * 1024);
                 return Ok(f);
             }
             if self.stream.read_buf(&mut self.rbuf).await? == 0 {
@@ -100,6 +101,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf.clear();
+        }
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Writes `buf` (then empties it) and flushes: the session engine's output.
+    pub async fn write_out(&mut self, buf: &mut BytesMut) -> Result<(), ClientError> {
+        self.flush().await?;
+        if !buf.is_empty() {
+            self.stream.write_all(buf).await?;
+            buf.clear();
+            wire::shrink_after_large(buf, 16 * 1024);
         }
         self.stream.flush().await?;
         Ok(())

@@ -140,6 +140,8 @@ pub enum ProxyError {
     },
     /// The proxy could not get a backend for the statement (the reason is logged, not sent).
     NoBackend,
+    /// The server's TLS certificate was not accepted (`backend_tls` settings).
+    BackendCertificate,
     /// The failover hold ran out without a serving primary.
     NoPrimary {
         held_ms: u128,
@@ -183,7 +185,9 @@ impl ProxyError {
             TooManyClients => SqlState::TooManyConnections,
             LoginTimeout => SqlState::QueryCanceled,
             DuplicatePreparedStatement { .. } => SqlState::DuplicatePreparedStatement,
-            NoBackend | NoPrimary { .. } | BackendLost { .. } => SqlState::ConnectionFailure,
+            NoBackend | BackendCertificate | NoPrimary { .. } | BackendLost { .. } => {
+                SqlState::ConnectionFailure
+            }
             TransactionLost => SqlState::InFailedSqlTransaction,
             InvalidSetting { .. } => SqlState::InvalidParameterValue,
             ReadOnlySetting { .. } => SqlState::CantChangeRuntimeParam,
@@ -209,6 +213,7 @@ impl ProxyError {
             MessageTooLong { .. } => "message_too_long",
             DuplicatePreparedStatement { .. } => "duplicate_statement",
             NoBackend => "no_backend",
+            BackendCertificate => "backend_tls",
             NoPrimary { .. } => "no_primary",
             BackendLost { .. } => "backend_lost",
             TransactionLost => "transaction_lost",
@@ -249,6 +254,9 @@ impl ProxyError {
                 format!("prepared statement \"{name}\" already exists")
             }
             NoBackend => "meridian-pgproxy: no server available for the statement".into(),
+            BackendCertificate => {
+                "meridian-pgproxy: the server's TLS certificate was not accepted".into()
+            }
             NoPrimary { held_ms } => {
                 format!("no primary available: failover in progress (held {held_ms} ms)")
             }

@@ -14,7 +14,8 @@ use tracing::{debug, info, Instrument};
 
 use crate::auth;
 use crate::client::ClientConn;
-use crate::session::{Login, Session};
+use crate::session::backends::PoolConnector;
+use crate::session::Login;
 use crate::stream::MaybeTls;
 use crate::wire::{self, StartupPacket, PROTOCOL_3_0};
 use crate::Shared;
@@ -174,8 +175,6 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             return;
         }
 
-        let ((pid, secret), cancel_slot) = shared.cancel().register();
-        let _cancel_guard = CancelGuard(shared.clone(), (pid, secret));
         let login = Login {
             backend_user: user_cfg.as_ref().and_then(|u| u.backend_user.clone()).unwrap_or_else(|| user.clone()),
             backend_password: user_cfg
@@ -189,44 +188,27 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 .collect(),
             user,
             database,
-            cancel_slot,
         };
-        let startup_params = login.startup_params.clone();
-        let salt = rand::random::<u64>();
-        let mut session = Session::new(shared.clone(), client, login, salt);
-        let server_params = match session.server_params().await {
-            Ok(p) => p,
-            Err(e) => {
-                let (code, msg) = match &e {
-                    crate::pool::PoolError::Backend(crate::backend::BackendError::Server { code, message }) => {
-                        (code.clone(), message.clone())
-                    }
-                    crate::pool::PoolError::Backend(crate::backend::BackendError::Auth(m)) => {
-                        ("28000".to_owned(), format!("backend login failed: {m}"))
-                    }
-                    other => ("08006".to_owned(), format!("meridian-pgproxy: no backend available: {other}")),
-                };
-                shared.metrics().error(&code);
-                session.fatal(&code, &msg).await;
-                return;
-            }
-        };
-        session.send_startup_reply(&server_params, &startup_params, pid, secret);
-        if session.flush_client().await.is_err() {
-            return;
-        }
-        debug!("session started");
-        if let Err(e) = session.run().await {
-            debug!(error = %e, "session ended with an error");
-        }
+        enter_session(client, shared, login).await;
     }
     .instrument(span)
     .await
 }
 
-struct CancelGuard(Arc<Shared>, (i32, i32));
-impl Drop for CancelGuard {
-    fn drop(&mut self) {
-        self.0.cancel().unregister(self.1);
+/// Hands an authenticated client to its session.
+async fn enter_session<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    client: ClientConn<S>,
+    shared: Arc<Shared>,
+    login: Login,
+) {
+    let connector = PoolConnector::new(
+        shared.clone(),
+        login.backend_user.clone(),
+        login.database.clone(),
+        login.backend_password.clone(),
+        rand::random(),
+    );
+    if let Err(e) = crate::session::login::serve(shared, client, login, connector).await {
+        debug!(error = %e, "session ended with an error");
     }
 }

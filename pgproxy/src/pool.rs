@@ -28,7 +28,9 @@ use meridian_shared::config::PoolConfig;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::broadcast;
 
-use crate::backend::{BackendConn, BackendError, ConnectParams, Reset};
+use crate::backend::{BackendConn, BackendError, ConnectParams};
+use crate::engine::backend_state::Reset;
+use crate::protocol::backend::TxStatus;
 use crate::topology::Topology;
 
 /// The fencing check run on every new primary connection of an etcd topology.
@@ -48,6 +50,8 @@ pub struct PoolKey {
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub message: Arc<str>,
+    /// The server's own refusal (SQLSTATE, message), which the client is shown as is.
+    pub server: Option<(String, String)>,
     /// The server is unreachable, starting, shutting down or fenced (worth
     /// waiting for during a failover), as opposed to e.g. an authentication error.
     pub unavailable: bool,
@@ -122,8 +126,13 @@ impl bb8::ManageConnection for Manager {
         match self.connect_checked().await {
             Ok(c) => Ok(c),
             Err(e) => {
+                let server = match &e {
+                    BackendError::Server { code, message } => Some((code.clone(), message.clone())),
+                    _ => None,
+                };
                 let _ = self.failures.send(Failure {
                     message: Arc::from(e.to_string()),
+                    server,
                     unavailable: e.is_unavailable(),
                 });
                 Err(e)
@@ -134,7 +143,7 @@ impl bb8::ManageConnection for Manager {
     async fn is_valid(&self, conn: &mut BackendConn) -> Result<(), BackendError> {
         // A pinned session's backend comes back with its session state: clean it
         // before the next client sees it (this also proves it alive).
-        if conn.reset == Reset::Discard {
+        if conn.state.reset == Reset::Discard {
             return conn.discard_session_state().await;
         }
         if conn.last_used.elapsed() < self.health_check_after {
@@ -144,7 +153,7 @@ impl bb8::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut BackendConn) -> bool {
-        conn.broken || conn.tx_status != b'I'
+        conn.broken || conn.state.tx_status != TxStatus::Idle
     }
 }
 
@@ -161,6 +170,8 @@ pub enum PoolError {
         addr: Arc<str>,
         message: Arc<str>,
         unavailable: bool,
+        /// The server's own refusal (SQLSTATE, message), if it refused.
+        server: Option<(String, String)>,
     },
     #[error("timed out waiting for a connection to {0}")]
     Timeout(Arc<str>),
@@ -257,12 +268,14 @@ impl Pools {
             f = failures.recv() => {
                 let f = f.unwrap_or_else(|_| Failure {
                     message: Arc::from("connection failed"),
+                    server: None,
                     unavailable: true,
                 });
                 Err(PoolError::ConnectFailed {
                     addr: params.addr.clone(),
                     message: f.message,
                     unavailable: f.unavailable,
+                    server: f.server,
                 })
             }
         }

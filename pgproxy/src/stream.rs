@@ -7,16 +7,18 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Plain TCP or TLS (client side towards backends, server side towards clients).
+/// Plain TCP or TLS (client side towards backends, server side towards clients), or an
+/// in-process pipe (a scripted backend in tests).
 pub enum MaybeTls {
     Plain(TcpStream),
     Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Memory(tokio::io::DuplexStream),
 }
 
 impl MaybeTls {
     pub fn is_tls(&self) -> bool {
-        !matches!(self, MaybeTls::Plain(_))
+        matches!(self, MaybeTls::Client(_) | MaybeTls::Server(_))
     }
 }
 
@@ -30,6 +32,7 @@ impl AsyncRead for MaybeTls {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Client(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Server(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Memory(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -44,6 +47,7 @@ impl AsyncWrite for MaybeTls {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Client(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Server(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Memory(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -52,6 +56,7 @@ impl AsyncWrite for MaybeTls {
             MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
             MaybeTls::Client(s) => Pin::new(s).poll_flush(cx),
             MaybeTls::Server(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Memory(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -60,6 +65,7 @@ impl AsyncWrite for MaybeTls {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Client(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Server(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Memory(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

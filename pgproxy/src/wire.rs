@@ -80,6 +80,20 @@ pub fn try_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, WireEr
     Ok(Some(Frame { tag, raw }))
 }
 
+/// Buffers above this capacity are given back once they hold little: a 100 MB message
+/// must not pin 100 MB to a pooled connection or a session for the rest of its life.
+pub const SHRINK_ABOVE: usize = 1024 * 1024;
+
+/// Replaces `buf` by a `base`-sized one holding the same bytes when it grew past
+/// [`SHRINK_ABOVE`] and now holds less than a quarter of that.
+pub fn shrink_after_large(buf: &mut BytesMut, base: usize) {
+    if buf.capacity() > SHRINK_ABOVE && buf.len() < SHRINK_ABOVE / 4 {
+        let mut fresh = BytesMut::with_capacity(base.max(buf.len()));
+        fresh.extend_from_slice(buf);
+        *buf = fresh;
+    }
+}
+
 /// An untagged packet sent before the session starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartupPacket {

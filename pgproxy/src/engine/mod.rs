@@ -238,6 +238,36 @@ impl Engine {
         self.params.list()
     }
 
+    /// The login's answer is still due.
+    pub fn logging_in(&self) -> bool {
+        self.logging_in
+    }
+
+    /// Events are waiting for [`Engine::poll_event`].
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// Extended messages were sent since the client's last Sync.
+    pub fn batch_open(&self) -> bool {
+        self.pipe.batch.is_some()
+    }
+
+    /// A message may go to `w` now (nothing is owed by another backend).
+    pub fn may_send_to(&self, w: Which) -> bool {
+        !self.pipe.busy_elsewhere(w)
+    }
+
+    /// The client's statement `name` (protocol level).
+    pub fn lookup_statement(&self, name: &[u8]) -> Option<Arc<statements::Stmt>> {
+        self.stmts.lookup(name)
+    }
+
+    /// Where a statement with `analysis` would run now.
+    pub fn read_target(&self, analysis: &Analysis, env: &Env) -> Which {
+        self.target_for(analysis, env)
+    }
+
     /// A read may use the regional cache: no transaction, nothing pinned or in flight.
     pub fn may_use_cache(&self) -> bool {
         !self.cfg.bound && self.pin.is_none() && self.tx == Tx::Idle && self.pipe.is_empty()
@@ -1439,6 +1469,7 @@ impl Engine {
 
     /// Ends the connection with the proxy's own FATAL error.
     pub fn fatal(&mut self, e: &ProxyError) {
+        self.logging_in = false;
         self.events
             .push_back(Event::Error(e.sqlstate().as_str().into()));
         self.client(&e.to_frame(Severity::Fatal));
@@ -1447,6 +1478,7 @@ impl Engine {
 
     /// Ends the connection with a server's error as FATAL.
     fn fatal_frame(&mut self, f: &Frame) {
+        self.logging_in = false;
         let info = be_msg::error_info(f);
         self.events.push_back(Event::Error(info.code.clone()));
         let frame = if info.severity == ErrorSeverity::Fatal {
