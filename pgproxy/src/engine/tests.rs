@@ -11,8 +11,12 @@ use meridian_sqlroute::{Classifier, FunctionCatalog};
 use proptest::prelude::*;
 
 use super::*;
+use crate::protocol::backend::{self as be_msg, ErrorSeverity};
+use crate::protocol::frontend;
 use crate::protocol::frontend::{FrontendMsg, Target};
+use crate::route::Which;
 use crate::wire::{self, try_frame, Frame};
+use meridian_shared::config::PoolMode;
 
 // ---------------------------------------------------------------------------
 // The model server
