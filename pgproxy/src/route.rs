@@ -33,6 +33,8 @@ pub enum Reason {
     Pinned,
     Hint,
     ParseFailed,
+    /// Reads state only the primary has (prepared transactions, locks, read-only-ness).
+    PrimaryState,
     ReadOnlyTransaction,
     WriteTransaction,
     Utility,
@@ -54,6 +56,9 @@ pub fn route(analysis: &Analysis, catalog: &FunctionCatalog, s: SessionView) -> 
     }
     if !analysis.parsed {
         return (Which::Primary, Reason::ParseFailed);
+    }
+    if analysis.needs_primary() {
+        return (Which::Primary, Reason::PrimaryState);
     }
     let replica = |reason| {
         if s.replica_available {
@@ -188,6 +193,28 @@ mod tests {
             ..view()
         };
         assert_eq!(go("SELECT 1", none), Which::Primary);
+    }
+
+    #[test]
+    fn primary_state_goes_to_the_primary() {
+        assert_eq!(
+            go("SELECT gid FROM pg_prepared_xacts", view()),
+            Which::Primary
+        );
+        assert_eq!(
+            go("SELECT count(*) FROM pg_catalog.pg_stat_activity", view()),
+            Which::Primary
+        );
+        assert_eq!(go("SHOW transaction_read_only", view()), Which::Primary);
+        assert_eq!(go("SHOW search_path", view()), Which::Replica);
+        // A user table of the same name is not a system view.
+        assert_eq!(go("SELECT * FROM app.pg_locks", view()), Which::Replica);
+        // Inside a read-only transaction on a replica, it stays there.
+        let tx = SessionView {
+            in_tx: Some(Which::Replica),
+            ..view()
+        };
+        assert_eq!(go("SHOW transaction_read_only", tx), Which::Replica);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! client goes through [`Shared::admit_client`], whose guard keeps the client count right
 //! on every exit path.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -36,7 +37,14 @@ pub struct Shared {
     next_session: AtomicU64,
     clients: AtomicUsize,
     cache: Option<RegionCache>,
+    /// Relation names known to be unlogged: reads of them go to the primary.
+    unlogged: RwLock<HashSet<String>>,
 }
+
+/// At most this many unlogged relation names are remembered (a client cannot make the
+/// proxy grow without bound by creating tables; past it, reads of a new one fail over to
+/// the primary only for the simple protocol).
+const MAX_UNLOGGED: usize = 10_000;
 
 /// Everything [`Shared`] is built from.
 pub struct SharedParts {
@@ -72,6 +80,7 @@ impl Shared {
             next_session: AtomicU64::new(1),
             clients: AtomicUsize::new(0),
             cache: p.cache,
+            unlogged: RwLock::new(HashSet::new()),
         }
     }
 
@@ -135,6 +144,23 @@ impl Shared {
 
     pub fn cache(&self) -> Option<&RegionCache> {
         self.cache.as_ref()
+    }
+
+    /// Whether relation `name` (last part of its name) is known to be unlogged.
+    pub fn is_unlogged(&self, name: &str) -> bool {
+        let set = self.unlogged.read().unwrap_or_else(|e| e.into_inner());
+        !set.is_empty() && set.contains(name)
+    }
+
+    /// Remembers unlogged relations (see [`Shared::is_unlogged`]).
+    pub fn add_unlogged(&self, names: Vec<String>) {
+        let mut set = self.unlogged.write().unwrap_or_else(|e| e.into_inner());
+        for n in names {
+            if set.len() >= MAX_UNLOGGED {
+                break;
+            }
+            set.insert(n);
+        }
     }
 
     /// Counts a client in; `None` when `max_clients` are already connected. The

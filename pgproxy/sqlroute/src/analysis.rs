@@ -42,6 +42,15 @@ pub struct StatementInfo {
     pub tx: TxEffect,
     /// Effect on the session state.
     pub session: SessionEffect,
+    /// Reads state a replica does not have or has its own of, so only the primary can
+    /// answer it as a client of the cluster expects: views of prepared transactions,
+    /// locks, activity and replication ([`crate::PRIMARY_STATE_VIEWS`]), and whether the
+    /// session is read-only (`SHOW transaction_read_only`).
+    pub primary_state: bool,
+    /// Unlogged relations the statement creates (`CREATE UNLOGGED TABLE`, `ALTER TABLE
+    /// ... SET UNLOGGED`, `SELECT ... INTO UNLOGGED`), by name (last part, folded): a hot
+    /// standby cannot read them.
+    pub creates_unlogged: Vec<String>,
 }
 
 /// Coarse class of a statement.
@@ -153,6 +162,8 @@ impl StatementInfo {
             tables: Vec::new(),
             tx: TxEffect::None,
             session: SessionEffect::default(),
+            primary_state: false,
+            creates_unlogged: Vec::new(),
         }
     }
 }
@@ -165,7 +176,9 @@ impl Analysis {
         self.parsed
             && !self.hint.primary
             && self.statements.iter().all(|s| {
-                s.read_only_candidate && s.functions.iter().all(|f| catalog.is_read_safe(f))
+                s.read_only_candidate
+                    && !s.primary_state
+                    && s.functions.iter().all(|f| catalog.is_read_safe(f))
             })
     }
 
@@ -177,6 +190,11 @@ impl Analysis {
             .map(|s| s.tx)
             .find(|tx| *tx != TxEffect::None)
             .unwrap_or(TxEffect::None)
+    }
+
+    /// Some statement reads state only the primary has (see [`StatementInfo::primary_state`]).
+    pub fn needs_primary(&self) -> bool {
+        self.statements.iter().any(|s| s.primary_state)
     }
 
     /// The first pin reason among the statements, if any statement pins the session.

@@ -25,6 +25,26 @@ pub(crate) const SESSION_ADVISORY_LOCKS: &[&str] = &[
     "pg_try_advisory_lock_shared",
 ];
 
+/// System views whose content differs on a hot standby or is the primary's alone: a
+/// replica has no prepared transactions, its own locks and activity, no replication
+/// slots or senders of the primary's. Reads of them go to the primary.
+pub const PRIMARY_STATE_VIEWS: &[&str] = &[
+    "pg_prepared_xacts",
+    "pg_locks",
+    "pg_stat_activity",
+    "pg_stat_replication",
+    "pg_replication_slots",
+    "pg_stat_replication_slots",
+];
+
+/// Settings whose value on a replica is not the session's through the proxy (a hot
+/// standby is read-only; the proxy is a read-write endpoint).
+const PRIMARY_STATE_SETTINGS: &[&str] = &[
+    "transaction_read_only",
+    "default_transaction_read_only",
+    "in_hot_standby",
+];
+
 /// Classify one parsed statement.
 pub(crate) fn classify(stmt: &Statement) -> StatementInfo {
     let mut c = Collector::default();
@@ -92,8 +112,12 @@ pub(crate) fn classify(stmt: &Statement) -> StatementInfo {
             };
             info.read_only_candidate = !write;
         }
-        Statement::ShowVariable { .. }
-        | Statement::ShowVariables { .. }
+        Statement::ShowVariable { variable } => {
+            utility(&mut info, true);
+            let name = variable.iter().map(fold).collect::<Vec<_>>().join(".");
+            info.primary_state = PRIMARY_STATE_SETTINGS.contains(&name.as_str());
+        }
+        Statement::ShowVariables { .. }
         | Statement::ShowStatus { .. }
         | Statement::ShowFunctions { .. }
         | Statement::ShowTables { .. }
@@ -172,6 +196,14 @@ pub(crate) fn classify(stmt: &Statement) -> StatementInfo {
             temporary: true, ..
         } => info.session.pins = Some(PinReason::TempTable),
         Statement::Load { .. } => info.session.pins = Some(PinReason::Other),
+        Statement::CreateTable(t) if t.unlogged => info.creates_unlogged.push(last_part(&t.name)),
+        Statement::AlterTable(t)
+            if t.operations
+                .iter()
+                .any(|o| matches!(o, sqlparser::ast::AlterTableOperation::SetUnlogged)) =>
+        {
+            info.creates_unlogged.push(last_part(&t.name))
+        }
         // An object created in the session's temporary schema, however it is spelled.
         Statement::CreateTable(t) if in_temp_schema(&t.name) => {
             info.session.pins = Some(PinReason::TempTable)
@@ -199,7 +231,12 @@ pub(crate) fn classify(stmt: &Statement) -> StatementInfo {
         }
     }
     info.session.set.extend(c.session_sets);
+    info.creates_unlogged.extend(c.unlogged_into);
     c.tables.retain(|t| !c.cte_names.contains(t));
+    info.primary_state |= c.tables.iter().any(|t| {
+        let (schema, name) = t.rsplit_once('.').unwrap_or(("pg_catalog", t));
+        schema == "pg_catalog" && PRIMARY_STATE_VIEWS.contains(&name)
+    });
     info.tables = c.tables;
     info.functions = c.functions;
     info
@@ -425,6 +462,8 @@ struct Collector {
     locks: bool,
     /// `SELECT ... INTO`; `Some(true)` if into a temporary table.
     into: Option<bool>,
+    /// `SELECT ... INTO UNLOGGED name`.
+    unlogged_into: Vec<String>,
     /// INSERT/UPDATE/DELETE/MERGE below the top-level statement (data-modifying CTEs).
     nested_write: bool,
     statements_seen: usize,
@@ -511,6 +550,17 @@ impl Visitor for Collector {
     fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
         if let Some(into) = &select.into {
             self.into = Some(self.into.unwrap_or(false) || into.temporary);
+            if into.unlogged {
+                for target in &into.targets {
+                    match target {
+                        Expr::Identifier(i) => self.unlogged_into.push(fold(i)),
+                        Expr::CompoundIdentifier(parts) => {
+                            self.unlogged_into.extend(parts.last().map(fold))
+                        }
+                        _ => {}
+                    }
+                }
+            }
         }
         ControlFlow::Continue(())
     }

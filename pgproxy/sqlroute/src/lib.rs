@@ -31,6 +31,7 @@ pub use analysis::{
     Analysis, Deallocate, Hints, PinReason, SessionEffect, StatementInfo, StatementKind, TxEffect,
 };
 pub use catalog::{FunctionCatalog, Volatility, SQL_SYNTAX_FUNCTIONS, VOLATILE_READ_SAFE};
+pub use classify::PRIMARY_STATE_VIEWS;
 pub use fingerprint::{fingerprint, reusable, Fingerprint};
 pub use hints::parse_hints;
 

@@ -705,3 +705,69 @@ fn literal_variants_of_plain_statements_share_a_fingerprint() {
     }
     assert_eq!(classifier.cached(), 1);
 }
+
+/// Objects in the session's temporary schema pin however they are spelled; DEALLOCATE
+/// names what it drops; primary-only state routes to the primary; unlogged relations are
+/// recognised where they are created.
+#[test]
+fn temp_schema_deallocate_primary_state_and_unlogged() {
+    use meridian_sqlroute::Deallocate;
+    let catalog = FunctionCatalog::with_builtin_defaults();
+    for sql in [
+        "CREATE TABLE pg_temp.t (x int)",
+        "CREATE TABLE PG_TEMP.t (x int)",
+        "CREATE VIEW pg_temp.v AS SELECT 1",
+        "CREATE SEQUENCE pg_temp.s",
+        "CREATE TYPE pg_temp.ty AS (a int)",
+        "CREATE DOMAIN pg_temp.d AS int",
+        "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "CREATE TABLE pg_temp_3.t (x int)",
+    ] {
+        let a = analyze_uncached(sql);
+        assert_eq!(a.pins(), Some(PinReason::TempTable), "{sql}");
+    }
+    assert_eq!(analyze_uncached("CREATE TABLE app.t (x int)").pins(), None);
+
+    let dealloc = |sql: &str| {
+        analyze_uncached(sql).statements[0]
+            .session
+            .deallocate
+            .clone()
+    };
+    assert_eq!(dealloc("DEALLOCATE ALL"), Some(Deallocate::All));
+    assert_eq!(dealloc("DEALLOCATE PREPARE all"), Some(Deallocate::All));
+    assert_eq!(
+        dealloc("DEALLOCATE _pg3_1"),
+        Some(Deallocate::Name("_pg3_1".into()))
+    );
+    assert_eq!(
+        dealloc("DEALLOCATE \"Mixed\""),
+        Some(Deallocate::Name("Mixed".into()))
+    );
+    assert_eq!(dealloc("DISCARD ALL"), Some(Deallocate::All));
+    assert_eq!(dealloc("DISCARD PLANS"), None);
+
+    for (sql, primary) in [
+        ("SELECT * FROM pg_prepared_xacts", true),
+        ("SELECT count(*) FROM pg_catalog.pg_locks", true),
+        ("SELECT * FROM pg_stat_activity WHERE pid = 1", true),
+        ("SHOW transaction_read_only", true),
+        ("SHOW TRANSACTION_READ_ONLY", true),
+        ("SHOW search_path", false),
+        ("SELECT * FROM myschema.pg_locks", false),
+        ("SELECT 1", false),
+    ] {
+        let a = analyze_uncached(sql);
+        assert_eq!(a.needs_primary(), primary, "{sql}");
+        if primary {
+            assert!(!a.is_read(&catalog), "{sql}");
+        }
+    }
+
+    let unlogged = |sql: &str| analyze_uncached(sql).statements[0].creates_unlogged.clone();
+    assert_eq!(unlogged("CREATE UNLOGGED TABLE u1 (x int)"), vec!["u1"]);
+    assert_eq!(unlogged("CREATE UNLOGGED TABLE app.U2 (x int)"), vec!["u2"]);
+    assert_eq!(unlogged("ALTER TABLE t3 SET UNLOGGED"), vec!["t3"]);
+    assert_eq!(unlogged("SELECT 1 INTO UNLOGGED u4"), vec!["u4"]);
+    assert!(unlogged("CREATE TABLE t5 (x int)").is_empty());
+}

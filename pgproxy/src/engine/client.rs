@@ -157,10 +157,24 @@ impl Engine {
             replica_available: env.replica_available,
             held: env.held(),
         };
-        if let Tx::Deferred { read_only, .. } = &self.tx {
-            return route::route_deferred_begin(*read_only, analysis, view);
+        let target = match &self.tx {
+            Tx::Deferred { read_only, .. } => {
+                route::route_deferred_begin(*read_only, analysis, view)
+            }
+            _ => route::route(analysis, env.catalog, view).0,
+        };
+        // A hot standby cannot read unlogged relations: outside a transaction such a read
+        // goes to the primary.
+        if target == Which::Replica
+            && view.in_tx.is_none()
+            && analysis
+                .tables()
+                .iter()
+                .any(|t| (env.unlogged)(t.rsplit('.').next().unwrap_or(t)))
+        {
+            return Which::Primary;
         }
-        route::route(analysis, env.catalog, view).0
+        target
     }
 
     pub(super) fn plan_extended(&mut self, msg: &FrontendMsg, env: &Env) -> Step {

@@ -62,11 +62,14 @@ impl Engine {
                 }
                 let commits = self.commits(w, route.analysis.as_deref(), env);
                 self.send(w, frame);
+                let replay = (w == Which::Replica && !self.tx.in_block()).then(|| frame.clone());
                 self.pipe.expect(
                     w,
                     Expect::Query {
                         analysis: route.analysis.clone(),
                         failed: false,
+                        replay,
+                        answered: false,
                     },
                 );
                 self.close_fill(w);
@@ -85,6 +88,8 @@ impl Engine {
                     Expect::Query {
                         analysis: None,
                         failed: false,
+                        replay: None,
+                        answered: false,
                     },
                 );
             }
@@ -244,6 +249,14 @@ impl Engine {
     /// What a statement does to the session, taken when it is sent (pinning must hold for
     /// whatever the client pipelines behind it; statements are not transactional).
     pub(super) fn effects_at_dispatch(&mut self, a: &Analysis, b: &mut BackendState) {
+        let unlogged: Vec<String> = a
+            .statements
+            .iter()
+            .flat_map(|s| s.creates_unlogged.iter().cloned())
+            .collect();
+        if !unlogged.is_empty() {
+            self.events.push_back(Event::Unlogged(unlogged));
+        }
         if let Some(pin) = a.pins() {
             if self.pin.is_none() && !self.cfg.bound {
                 debug!(reason = ?pin, "session pinned to its backend");

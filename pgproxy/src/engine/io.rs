@@ -36,6 +36,8 @@ pub struct Env<'a> {
     pub replica_available: bool,
     /// The backends the session holds.
     pub held: (bool, bool),
+    /// Whether a relation (by name, last part) is known unlogged: a replica cannot read it.
+    pub unlogged: &'a (dyn Fn(&str) -> bool + Sync),
 }
 
 impl Env<'_> {
@@ -90,6 +92,12 @@ pub enum Event {
     TooLargeToCache,
     /// An error went to the client (its SQLSTATE).
     Error(String),
+    /// These relations are unlogged (created so, or a replica refused to read them): the
+    /// proxy's reads of them go to the primary from now on.
+    Unlogged(Vec<String>),
+    /// Handle this client message again, first: a read a replica refused (it touched an
+    /// unlogged relation) before anything of its answer reached the client.
+    Replay(Frame),
 }
 
 /// Bytes for the client and for each backend, written out by the shell.

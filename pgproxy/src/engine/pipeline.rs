@@ -43,6 +43,11 @@ pub enum Expect {
     Query {
         analysis: Option<Arc<Analysis>>,
         failed: bool,
+        /// A read sent to a replica outside a transaction: the client's message, to run
+        /// again on the primary if the replica refuses it before answering anything.
+        replay: Option<Frame>,
+        /// Something of the answer reached the client (no replay after that).
+        answered: bool,
     },
     /// The proxy's own query or `Sync`, up to its `ReadyForQuery`, swallowed.
     Internal(Internal),

@@ -68,6 +68,11 @@ impl Engine {
         let internal = matches!(head, Expect::Internal(_));
         let describe = matches!(head, Expect::Describe);
         let execute = matches!(head, Expect::Execute { .. });
+        if kind != BackendKind::Error && kind != BackendKind::ReadyForQuery {
+            if let Some(Expect::Query { answered, .. }) = self.pipe.head_mut() {
+                *answered = true;
+            }
+        }
         if !internal && self.fill.is_some() {
             self.capture(frame);
         }
@@ -179,8 +184,25 @@ impl Engine {
             return;
         };
         match head {
-            Expect::Query { failed, .. } => {
+            Expect::Query {
+                failed,
+                replay,
+                answered,
+                analysis,
+            } => {
+                if w == Which::Replica && is_unlogged_refusal(&info) {
+                    if let Some(a) = analysis {
+                        let tables = a.tables().iter().map(|t| last_part(t)).collect();
+                        self.events.push_back(Event::Unlogged(tables));
+                    }
+                    if replay.is_some() && !*answered {
+                        // Nothing reached the client: run it again on the primary.
+                        *failed = true;
+                        return;
+                    }
+                }
                 *failed = true;
+                *answered = true;
                 self.unit_failed = true;
             }
             Expect::Sync => self.unit_failed = true,
@@ -215,6 +237,14 @@ impl Engine {
                     self.prune(b);
                 }
                 return;
+            }
+            Expect::Execute {
+                analysis: Some(a), ..
+            } if w == Which::Replica && is_unlogged_refusal(&info) => {
+                let tables = a.tables().iter().map(|t| last_part(t)).collect();
+                self.events.push_back(Event::Unlogged(tables));
+                self.unit_failed = true;
+                self.prune(b);
             }
             Expect::Bind { server } | Expect::Execute { server, .. } => {
                 if info.code == "0A000" && info.message.contains("cached plan must not change") {
@@ -277,7 +307,19 @@ impl Engine {
                     self.tx.on_ready(w, status);
                 }
             }
-            Expect::Query { analysis, failed } => {
+            Expect::Query {
+                replay: Some(frame),
+                answered: false,
+                failed: true,
+                ..
+            } => {
+                // The replica refused the read before answering: the client gets the
+                // primary's answer instead (the Query is planned again).
+                self.events.push_back(Event::Replay(frame));
+            }
+            Expect::Query {
+                analysis, failed, ..
+            } => {
                 if let (Some(a), false) = (&analysis, failed) {
                     self.params.stage(a.clone());
                     self.settle_unpin(a);
@@ -393,4 +435,14 @@ impl Engine {
         self.unit_failed = false;
         self.events.push_back(Event::Answered);
     }
+}
+
+/// The error a hot standby raises for a read of an unlogged (or another session's
+/// temporary) relation.
+fn is_unlogged_refusal(info: &be_msg::ErrorInfo) -> bool {
+    info.code == "0A000" && info.message.contains("unlogged relations during recovery")
+}
+
+fn last_part(name: &str) -> String {
+    name.rsplit('.').next().unwrap_or(name).to_owned()
 }

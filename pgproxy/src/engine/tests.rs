@@ -294,6 +294,8 @@ struct Harness {
     waiting: VecDeque<Frame>,
     closed: bool,
     releases: usize,
+    unlogged: std::sync::Mutex<std::collections::HashSet<String>>,
+    replays: usize,
 }
 
 fn idx(w: Which) -> usize {
@@ -334,6 +336,8 @@ impl Harness {
             waiting: VecDeque::new(),
             closed: false,
             releases: 0,
+            unlogged: Default::default(),
+            replays: 0,
         }
     }
 
@@ -345,6 +349,7 @@ impl Harness {
             catalog: &self.catalog,
             replica_available: self.replica,
             held: (self.held[0], self.held[1]),
+            unlogged: &|n| self.unlogged.lock().unwrap().contains(n),
         };
         let step = self.engine.on_client(f, &msg, &env);
         match step {
@@ -362,6 +367,7 @@ impl Harness {
                     catalog: &self.catalog,
                     replica_available: self.replica,
                     held: (self.held[0], self.held[1]),
+                    unlogged: &|n| self.unlogged.lock().unwrap().contains(n),
                 };
                 self.engine
                     .dispatch(f, &msg, &route, &mut self.states[i], None, &env);
@@ -397,6 +403,11 @@ impl Harness {
                 }
                 Event::Close => self.closed = true,
                 Event::Discard(w) => self.held[idx(w)] = false,
+                Event::Unlogged(names) => self.unlogged.lock().unwrap().extend(names),
+                Event::Replay(f) => {
+                    self.replays += 1;
+                    self.waiting.push_front(f);
+                }
                 _ => {}
             }
         }
@@ -878,6 +889,7 @@ fn copy_in_with_a_sync_pipelined_behind_it_and_copy_fail() {
             catalog: &h.catalog,
             replica_available: false,
             held: (true, false),
+            unlogged: &|_| false,
         };
         match h.engine.on_client(&f, &msg, &env) {
             Step::Route(r) => {
@@ -886,6 +898,7 @@ fn copy_in_with_a_sync_pipelined_behind_it_and_copy_fail() {
                     catalog: &h.catalog,
                     replica_available: false,
                     held: (true, false),
+                    unlogged: &|_| false,
                 };
                 h.engine
                     .dispatch(&f, &msg, &r, &mut h.states[0], None, &env);
@@ -925,6 +938,7 @@ fn copy_in_with_a_sync_pipelined_behind_it_and_copy_fail() {
         catalog: &h.catalog,
         replica_available: false,
         held: (true, false),
+        unlogged: &|_| false,
     };
     assert!(matches!(h.engine.on_client(&f, &msg, &env), Step::Done));
     assert_eq!(tags(&frames(h.engine.out.backend(Which::Primary))), "f");
@@ -1171,4 +1185,61 @@ proptest! {
             prop_assert!(m.out.is_empty());
         }
     }
+}
+
+#[test]
+fn a_read_a_replica_refuses_for_an_unlogged_relation_runs_again_on_the_primary() {
+    let mut h = Harness::new(PoolMode::Session, false, true);
+    assert!(h.offer(&q("select count(*) from unl")));
+    assert!(h.held[1], "the read went to the replica");
+    h.models[1].out.clear();
+    for f in [
+        wire::error_response(
+            "ERROR",
+            "0A000",
+            "cannot access temporary or unlogged relations during recovery",
+        ),
+        wire::ready_for_query(b'I'),
+    ] {
+        h.engine.on_backend(Which::Replica, &f, &mut h.states[1]);
+    }
+    h.pump_out();
+    assert!(
+        h.client_frames().is_empty(),
+        "nothing of the refusal reaches the client"
+    );
+    assert_eq!(h.replays, 1);
+    // The replayed read goes to the primary, and so does the next one.
+    let replay = h.waiting.pop_front().unwrap();
+    h.run(&[replay, q("select count(*) from public.unl")], &[0]);
+    assert_eq!(tags(&h.client_frames()), "TDDDCZTDDDCZ");
+    assert_eq!(h.models[0].received, 2);
+}
+
+#[test]
+fn an_unlogged_relation_created_through_the_proxy_is_read_on_the_primary() {
+    let mut h = Harness::new(PoolMode::Session, false, true);
+    h.unlogged.lock().unwrap().clear();
+    // The model does not know CREATE; the event is what matters.
+    let f = q("create unlogged table u1 (x int)");
+    let msg = FrontendMsg::decode(&f);
+    let env = Env {
+        classifier: &h.classifier,
+        catalog: &h.catalog,
+        replica_available: true,
+        held: (false, false),
+        unlogged: &|_| false,
+    };
+    let Step::Route(route) = h.engine.on_client(&f, &msg, &env) else {
+        panic!("routed");
+    };
+    h.engine
+        .dispatch(&f, &msg, &route, &mut h.states[0], None, &env);
+    let mut learned = Vec::new();
+    while let Some(e) = h.engine.poll_event() {
+        if let Event::Unlogged(n) = e {
+            learned.extend(n);
+        }
+    }
+    assert_eq!(learned, vec!["u1".to_owned()]);
 }

@@ -208,6 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
             replica_available: !self.engine.config().bound
                 && self.conns.connector.replica_available(),
             held: self.conns.held(),
+            unlogged: &|n| shared.is_unlogged(n),
         };
         match self.engine.on_client(&frame, &msg, &env) {
             Step::Done => {}
@@ -241,6 +242,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
                 catalog: &catalog,
                 replica_available: conns.connector.replica_available(),
                 held: conns.held(),
+                unlogged: &|n| shared.is_unlogged(n),
             };
             if engine.read_target(&stmt.analysis, &env) != Which::Replica {
                 return None;
@@ -367,6 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
             catalog: &catalog,
             replica_available: false,
             held: (held.0 || w == Which::Primary, held.1 || w == Which::Replica),
+            unlogged: &|n| shared.is_unlogged(n),
         };
         let key = (conn.addr.clone(), conn.state.pid, conn.secret);
         self.engine
@@ -446,6 +449,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
                 } => self.cache.store(&self.shared, plan, bracket, messages),
                 Event::TooLargeToCache => self.shared.metrics().cache_store("too_large"),
                 Event::Error(code) => self.shared.metrics().error(&code),
+                Event::Unlogged(names) => self.shared.add_unlogged(names),
+                Event::Replay(frame) => self.backlog.push_front(frame),
             }
         }
         for w in [Which::Primary, Which::Replica] {
