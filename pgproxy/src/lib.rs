@@ -32,6 +32,8 @@ pub mod ryw;
 pub mod session;
 pub mod shared;
 pub mod stream;
+#[cfg(test)]
+pub mod testing;
 pub mod tls;
 pub mod topology;
 pub mod wire;

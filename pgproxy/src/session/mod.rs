@@ -505,3 +505,6 @@ async fn read_backend(c: &mut Option<Held>) -> Result<Frame, BackendError> {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests;
