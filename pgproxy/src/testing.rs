@@ -30,6 +30,12 @@ fn text_of(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_ascii_lowercase()
 }
 
+impl Default for Model {
+    fn default() -> Self {
+        Model::new()
+    }
+}
+
 impl Model {
     pub fn new() -> Model {
         Model {
