@@ -12,6 +12,7 @@ use super::client_visible_parameter;
 use super::io::Event;
 use super::pipeline::{Expect, Internal};
 use super::Engine;
+use crate::error::SqlState;
 use crate::error::{ProxyError, Severity};
 use crate::protocol::backend::{self as be_msg, BackendKind, ErrorSeverity, TxStatus};
 use crate::route::Which;
@@ -247,7 +248,9 @@ impl Engine {
                 self.prune(b);
             }
             Expect::Bind { server } | Expect::Execute { server, .. } => {
-                if info.code == "0A000" && info.message.contains("cached plan must not change") {
+                if info.code == SqlState::FeatureNotSupported.as_str()
+                    && info.message.contains("cached plan must not change")
+                {
                     if let Some(s) = server.clone() {
                         b.stale.insert(s);
                     }
@@ -440,7 +443,8 @@ impl Engine {
 /// The error a hot standby raises for a read of an unlogged (or another session's
 /// temporary) relation.
 fn is_unlogged_refusal(info: &be_msg::ErrorInfo) -> bool {
-    info.code == "0A000" && info.message.contains("unlogged relations during recovery")
+    info.code == SqlState::FeatureNotSupported.as_str()
+        && info.message.contains("unlogged relations during recovery")
 }
 
 fn last_part(name: &str) -> String {
