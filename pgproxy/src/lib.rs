@@ -22,6 +22,7 @@ pub mod client;
 pub mod engine;
 pub mod error;
 pub mod follow;
+pub mod fuzz;
 pub mod handshake;
 pub mod health;
 pub mod metrics;
