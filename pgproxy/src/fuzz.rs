@@ -33,7 +33,7 @@ impl Gen {
         Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -43,7 +43,7 @@ impl Gen {
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 
     fn pick<T: Copy>(&mut self, items: &[T]) -> T {
@@ -52,7 +52,7 @@ impl Gen {
 
     fn bytes(&mut self, max: usize) -> Vec<u8> {
         let n = self.below(max as u64 + 1) as usize;
-        (0..n).map(|_| self.next() as u8).collect()
+        (0..n).map(|_| self.next_u64() as u8).collect()
     }
 }
 
@@ -128,7 +128,7 @@ fn client_frame(g: &mut Gen) -> Frame {
             for _ in 0..=g.below(3) {
                 if !body.is_empty() {
                     let i = g.below(body.len() as u64) as usize;
-                    body[i] = g.next() as u8;
+                    body[i] = g.next_u64() as u8;
                 }
             }
             Frame::new(g.pick(b"PBDEC"), &body)
@@ -172,7 +172,7 @@ fn backend_frame(g: &mut Gen) -> Frame {
         14 => Frame::new(b'n', &[]),
         15 => Frame::new(b't', &[0, 0]),
         16 => Frame::new(b's', &[]),
-        _ => Frame::new(g.next() as u8, &g.bytes(12)),
+        _ => Frame::new(g.next_u64() as u8, &g.bytes(12)),
     }
 }
 
