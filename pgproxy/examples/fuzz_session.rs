@@ -21,7 +21,7 @@ fn main() {
         events += out.events as u64;
         closed += u64::from(out.closed);
         let done = seed - first + 1;
-        if done % 1_000_000 == 0 {
+        if done.is_multiple_of(1_000_000) {
             eprintln!(
                 "{done} inputs, {:.0} inputs/s",
                 done as f64 / started.elapsed().as_secs_f64()
