@@ -82,6 +82,10 @@ pub trait Connector: Send + Sync {
         replica: Option<Arc<str>>,
     ) -> impl Future<Output = Result<Held, Refusal>> + Send;
 
+    /// A primary connection of the session's own, outside any pool (a bound session: the
+    /// server process lives and ends with the client's connection, as directly).
+    fn connect_dedicated(&self) -> impl Future<Output = Result<Held, Refusal>> + Send;
+
     /// Whether held connection `c` of kind `w` may still start a transaction (the
     /// topology still backs it: same primary and epoch, a usable replica).
     fn still_current(&self, w: Which, c: &BackendConn) -> bool;
@@ -280,6 +284,19 @@ impl Connector for PoolConnector {
         })
     }
 
+    async fn connect_dedicated(&self) -> Result<Held, Refusal> {
+        let Some(addr) = self.shared.topology().borrow().primary.clone() else {
+            return Err(Refusal::Proxy(ProxyError::NoBackend));
+        };
+        BackendConn::connect(&self.params(addr))
+            .await
+            .map(|c| Held::Owned(Box::new(c)))
+            .map_err(|e| {
+                warn!(error = %e, "no backend for the session");
+                refusal(&PoolError::Backend(e))
+            })
+    }
+
     fn still_current(&self, w: Which, c: &BackendConn) -> bool {
         let topo = self.shared.topology().borrow();
         match w {
@@ -374,6 +391,13 @@ impl<C: Connector> Backends<C> {
         self.get(w).ok_or(Refusal::Proxy(ProxyError::NoBackend))
     }
 
+    /// Holds a primary connection of the session's own (see [`Connector::connect_dedicated`]).
+    pub async fn hold_dedicated(&mut self) -> Result<(), Refusal> {
+        let c = self.connector.connect_dedicated().await?;
+        self.primary = Some(c);
+        Ok(())
+    }
+
     /// A held connection that is no longer backed by the topology (it must not start
     /// new work unless the session is anchored to it).
     pub fn is_stale(&self, w: Which) -> bool {
@@ -388,12 +412,14 @@ impl<C: Connector> Backends<C> {
         }
     }
 
-    /// Gives every connection back to its pool (`reset`: what it needs first).
-    pub fn release_all(&mut self, reset: Reset) {
+    /// Gives every connection back to its pool (`reset`: what it needs first); a
+    /// connection of the session's own is closed.
+    pub async fn release_all(&mut self, reset: Reset) {
         for w in [Which::Primary, Which::Replica] {
-            if let Some(mut c) = self.slot(w).take() {
-                c.state.reset = c.state.reset.max(reset);
-                drop(c);
+            match self.slot(w).take() {
+                Some(Held::Owned(c)) => c.terminate().await,
+                Some(Held::Pooled(mut c)) => c.state.reset = c.state.reset.max(reset),
+                None => {}
             }
         }
     }

@@ -4,8 +4,9 @@
 //! A session is **bound** when it pools by session, no replica can serve its reads and
 //! the topology is static (a proxy following a leader promises sessions that survive a
 //! failover, which one backend for life cannot keep): it keeps one primary connection
-//! for life and is given that backend's real process
-//! id, so `pg_backend_pid()`, `pg_terminate_backend()` and notification pids agree with
+//! for life — its own, outside the pools, closed when the client leaves, so that a new
+//! client connection is a new server process as directly — and is given that backend's
+//! real process id, so `pg_backend_pid()`, `pg_terminate_backend()` and notification pids agree with
 //! what the client knows (its cancel key still goes through the proxy's registry). Any
 //! other session is **virtual** and gets a process id of the proxy's own.
 //!
@@ -51,16 +52,24 @@ where
     } else {
         Which::Primary
     };
-    let w = match conns.ensure(first, None, false).await {
-        Ok(_) => first,
-        Err(e) if first == Which::Replica => {
-            debug!(error = ?e, "replica unavailable at login, using the primary");
-            match conns.ensure(Which::Primary, None, false).await {
-                Ok(_) => Which::Primary,
-                Err(e) => return refuse(&shared, &mut client, e).await,
-            }
+    let w = if bound {
+        // One server process for the client's connection, opened and closed with it.
+        match conns.hold_dedicated().await {
+            Ok(()) => Which::Primary,
+            Err(e) => return refuse(&shared, &mut client, e).await,
         }
-        Err(e) => return refuse(&shared, &mut client, e).await,
+    } else {
+        match conns.ensure(first, None, false).await {
+            Ok(_) => first,
+            Err(e) if first == Which::Replica => {
+                debug!(error = ?e, "replica unavailable at login, using the primary");
+                match conns.ensure(Which::Primary, None, false).await {
+                    Ok(_) => Which::Primary,
+                    Err(e) => return refuse(&shared, &mut client, e).await,
+                }
+            }
+            Err(e) => return refuse(&shared, &mut client, e).await,
+        }
     };
     let Some(conn) = conns.get(w) else {
         return Ok(());
@@ -112,7 +121,7 @@ where
         session.on_backend(w, r).await;
     }
     if session.closing {
-        session.finish();
+        session.finish().await;
         return Ok(());
     }
     debug!(bound, "session started");

@@ -111,7 +111,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
     pub async fn run(mut self) -> Result<(), SessionError> {
         let mut shutdown = self.shared.shutdown().clone();
         let result = self.relay(&mut shutdown).await;
-        self.finish();
+        self.finish().await;
         result
     }
 
@@ -431,7 +431,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
     async fn after_engine(&mut self) -> Result<(), SessionError> {
         while let Some(ev) = self.engine.poll_event() {
             match ev {
-                Event::Release => self.conns.release_all(Reset::None),
+                Event::Release => self.conns.release_all(Reset::None).await,
                 Event::Discard(w) => self.conns.discard(w),
                 Event::Close => self.closing = true,
                 Event::Answered => {
@@ -483,19 +483,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
     }
 
     /// Gives the backends back: one in the middle of something is dropped; one that
-    /// served a bound session or holds pinned state is cleaned before its next user.
-    fn finish(&mut self) {
+    /// holds pinned state is cleaned before its next user; a bound session's own
+    /// connection is closed.
+    async fn finish(&mut self) {
         for w in [Which::Primary, Which::Replica] {
             if self.engine.busy_on(w) {
                 self.conns.discard(w);
             }
         }
-        let reset = if self.engine.config().bound || self.engine.pinned().is_some() {
+        let reset = if self.engine.pinned().is_some() {
             Reset::Discard
         } else {
             Reset::None
         };
-        self.conns.release_all(reset);
+        self.conns.release_all(reset).await;
     }
 }
 

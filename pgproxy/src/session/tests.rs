@@ -121,6 +121,10 @@ impl Connector for ScriptConnector {
         Ok(Held::Owned(Box::new(conn)))
     }
 
+    async fn connect_dedicated(&self) -> Result<Held, Refusal> {
+        self.connect(Which::Primary, None).await
+    }
+
     fn still_current(&self, _w: Which, _c: &BackendConn) -> bool {
         true
     }
