@@ -33,6 +33,14 @@ pub enum SqlState {
     InvalidPassword,
     /// 34000 invalid_cursor_name
     InvalidCursorName,
+    /// 3D000 invalid_catalog_name (a missing database: the server's, passed through)
+    InvalidCatalogName,
+    /// 42601 syntax_error
+    SyntaxError,
+    /// 42602 invalid_name
+    InvalidName,
+    /// 42704 undefined_object
+    UndefinedObject,
     /// 42P05 duplicate_prepared_statement
     DuplicatePreparedStatement,
     /// 53300 too_many_connections
@@ -59,6 +67,10 @@ impl SqlState {
             SqlState::InvalidAuthorization => "28000",
             SqlState::InvalidPassword => "28P01",
             SqlState::InvalidCursorName => "34000",
+            SqlState::InvalidCatalogName => "3D000",
+            SqlState::SyntaxError => "42601",
+            SqlState::InvalidName => "42602",
+            SqlState::UndefinedObject => "42704",
             SqlState::DuplicatePreparedStatement => "42P05",
             SqlState::TooManyConnections => "53300",
             SqlState::ProgramLimitExceeded => "54000",
@@ -123,6 +135,27 @@ pub enum ProxyError {
     },
     /// The client broke the authentication exchange (the text is fixed, never client data).
     AuthProtocol(&'static str),
+    /// Bytes arrived behind an SSLRequest (`gss: false`) or GSSENCRequest before its
+    /// answer: unencrypted data that may have been injected (PostgreSQL's CVE-2021-23214 check).
+    DataAfterEncryptionRequest {
+        gss: bool,
+    },
+    /// The `options` startup parameter could not be parsed (PostgreSQL's message).
+    InvalidStartupOption {
+        message: String,
+    },
+    /// An `options` switch other than `-c name=value` / `--name=value`.
+    UnsupportedStartupOption {
+        switch: String,
+    },
+    /// A startup parameter that cannot name any setting (no dot, not an identifier).
+    UnknownParameter {
+        name: String,
+    },
+    /// A dotted startup parameter name that is not two or more identifiers.
+    InvalidParameterName {
+        name: String,
+    },
 
     // --- during the session ---
     /// A message the proxy cannot frame or decode (the text is fixed).
@@ -174,6 +207,11 @@ impl ProxyError {
             }
             InvalidMessage(_) | UnknownMessageType(_) => SqlState::ProtocolViolation,
             AuthMessageTooLong => SqlState::ProtocolViolation,
+            DataAfterEncryptionRequest { .. } => SqlState::ProtocolViolation,
+            InvalidStartupOption { .. } => SqlState::SyntaxError,
+            UnsupportedStartupOption { .. } => SqlState::FeatureNotSupported,
+            UnknownParameter { .. } => SqlState::UndefinedObject,
+            InvalidParameterName { .. } => SqlState::InvalidName,
             MessageTooLong { .. } => SqlState::ProgramLimitExceeded,
             UnsupportedProtocol { .. } | ReplicationRefused => SqlState::FeatureNotSupported,
             TlsRequired | NoUserName | NotAuthorized { .. } | BackendLoginRefused => {
@@ -203,6 +241,9 @@ impl ProxyError {
             TooManyClients => "too_many_clients",
             LoginTimeout => "login_timeout",
             AuthMessageTooLong | AuthProtocol(_) => "auth_protocol",
+            DataAfterEncryptionRequest { .. } => "invalid_startup",
+            InvalidStartupOption { .. } | UnsupportedStartupOption { .. } => "invalid_options",
+            UnknownParameter { .. } | InvalidParameterName { .. } => "invalid_parameter",
             PasswordFailed { .. } => "auth_failed",
             NotAuthorized { .. } => "not_authorized",
             InvalidMessage(_) | UnknownMessageType(_) => "protocol_violation",
@@ -240,6 +281,20 @@ impl ProxyError {
             }
             NotAuthorized { reason } => reason.clone(),
             AuthProtocol(what) => what.to_string(),
+            DataAfterEncryptionRequest { gss: false } => {
+                "received unencrypted data after SSL request".into()
+            }
+            DataAfterEncryptionRequest { gss: true } => {
+                "received unencrypted data after GSSAPI encryption request".into()
+            }
+            InvalidStartupOption { message } => message.clone(),
+            UnsupportedStartupOption { switch } => format!(
+                "meridian-pgproxy accepts only -c name=value and --name=value in options, not {switch}"
+            ),
+            UnknownParameter { name } => format!("unrecognized configuration parameter \"{name}\""),
+            InvalidParameterName { name } => {
+                format!("invalid configuration parameter name \"{name}\"")
+            }
             InvalidMessage(what) => format!("invalid message format: {what}"),
             MessageTooLong { len, max } => {
                 format!("message of {len} bytes exceeds the limit of {max} bytes")
