@@ -1,0 +1,374 @@
+//! The start of a client connection, as phases in order:
+//!
+//! 1. **negotiation** ([`negotiate`]): SSLRequest (TLS), GSSENCRequest, CancelRequest;
+//! 2. **startup checks** ([`startup`], pure): protocol version, `_pq_.` options, TLS
+//!    required, replication refused, user name, session parameters;
+//! 3. **admission**: `max_clients` counts a connection from its accept (as PostgreSQL
+//!    counts a backend from its fork), so connections still logging in hold a slot; one
+//!    over the limit is told 53300 once its startup packet is read;
+//! 4. **authentication** ([`crate::auth`]), then the user's database allowance and the
+//!    session parameters' errors, which PostgreSQL reports after authentication too;
+//! 5. **hand-over** ([`enter_session`]): the session takes the connection.
+//!
+//! Phases 1–4 are bounded by `client_login_timeout` from accept: a client that sends
+//! nothing, dribbles its startup packet, or stops halfway through authentication is
+//! disconnected — silently before its startup packet is complete (as PostgreSQL does),
+//! with FATAL 57014 "canceling authentication due to timeout" after it. Every error
+//! raised here is a [`ProxyError`]; a FATAL to a client that does not read gets at
+//! most [`FAREWELL`] before the connection is closed.
+//!
+//! Generic over the client's stream, so every phase can be driven over
+//! `tokio::io::duplex` in tests.
+
+pub mod negotiate;
+pub mod startup;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_shared::config::{PoolMode, ProxyConfig};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, info, Instrument};
+
+pub use negotiate::{ClientStream, Negotiated};
+
+use crate::auth::{self, AuthError, AuthSettings, ScramKeys};
+use crate::backend::BackendError;
+use crate::client::ClientConn;
+use crate::error::ProxyError;
+use crate::pool::PoolError;
+use crate::session::{Login, Session};
+use crate::wire;
+use crate::Shared;
+
+/// How long a refused client has to take its FATAL message before the close.
+pub const FAREWELL: Duration = Duration::from_secs(1);
+
+/// Parameters the server reports that a client cannot set: the startup reply
+/// shows the server's value for them, never the one the client sent.
+const SERVER_ONLY_REPORTED: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "session_authorization",
+    "in_hot_standby",
+];
+
+/// How the login phases ended without a session.
+#[derive(Debug)]
+pub enum Ended {
+    /// The client is refused with this FATAL error.
+    Refused(ProxyError),
+    /// The connection closes without a word.
+    Quiet(Quiet),
+}
+
+/// Why a connection closed without a word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quiet {
+    /// The client left (or its connection broke).
+    Left,
+    /// `client_login_timeout` ran out before the startup packet was complete.
+    TimedOut,
+    /// The TLS handshake failed.
+    TlsFailed,
+    /// A CancelRequest was served (PostgreSQL answers none).
+    Cancel,
+}
+
+/// An authenticated client: what the session needs, the input of [`enter_session`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    pub user: String,
+    pub database: String,
+    pub backend_user: String,
+    pub backend_password: Option<String>,
+    pub mode: PoolMode,
+    /// Every setting the client asked for, in the order they apply (see [`startup`]).
+    pub startup_params: Vec<(String, String)>,
+}
+
+/// Serves one accepted TCP connection to the end.
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let id = shared.next_session_id();
+    let span =
+        tracing::info_span!("conn", session = id, client = %peer, region = %shared.config().region);
+    async move {
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(error = %e, "set_nodelay failed");
+        }
+        serve_stream(tcp, shared).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Serves one client connection over any stream, from its first byte to the end.
+pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(stream: S, shared: Arc<Shared>) {
+    let cfg = shared.config();
+    let admitted = shared.admit_client(cfg.max_clients);
+    let mut client = ClientConn::new(ClientStream::Plain(stream), cfg.max_message_size);
+    client.set_deadline(Some(Instant::now() + cfg.client_login_timeout));
+    match login(&mut client, &shared, &cfg, admitted.is_some()).await {
+        Ok(who) => {
+            client.set_deadline(None);
+            enter_session(client, shared, who).await;
+            drop(admitted);
+        }
+        Err(ended) => {
+            // The slot is free before the client can read why it was refused.
+            drop(admitted);
+            end(client, &shared, ended).await;
+        }
+    }
+}
+
+/// Phases 1–4: negotiation, startup checks, admission, authentication.
+async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut ClientConn<ClientStream<S>>,
+    shared: &Shared,
+    cfg: &ProxyConfig,
+    admitted: bool,
+) -> Result<Authenticated, Ended> {
+    let (version, params) =
+        match negotiate::negotiate(client, shared.tls_acceptor(), cfg.max_startup_packet).await? {
+            Negotiated::Startup { version, params } => (version, params),
+            Negotiated::Cancel { pid, secret } => {
+                forward_cancel(shared, (pid, secret), client.deadline()).await;
+                return Err(Ended::Quiet(Quiet::Cancel));
+            }
+        };
+    let request =
+        startup::check_startup(version, &params, client.stream.is_tls(), cfg.tls.required)
+            .map_err(Ended::Refused)?;
+    if let Some(unsupported) = &request.negotiate {
+        let names: Vec<&str> = unsupported.iter().map(String::as_str).collect();
+        client.send(&wire::negotiate_protocol_version(&names));
+    }
+    if !admitted {
+        return Err(Ended::Refused(ProxyError::TooManyClients));
+    }
+
+    let user_cfg = cfg.user(&request.user);
+    let settings = AuthSettings {
+        default_method: cfg.auth,
+        max_message: cfg.max_auth_message,
+        keys: ScramKeys::global(),
+    };
+    auth::authenticate(client, &request.user, user_cfg, &settings)
+        .await
+        .map_err(|e| match e {
+            AuthError::Refused(e) => {
+                info!(user = %request.user, error = %e, "authentication failed");
+                Ended::Refused(e)
+            }
+            AuthError::Gone(e) => {
+                debug!(error = %e, "client left during authentication");
+                Ended::Quiet(Quiet::Left)
+            }
+        })?;
+    if let Some(u) = user_cfg {
+        if !u.databases.is_empty() && !u.databases.contains(&request.database) {
+            return Err(Ended::Refused(ProxyError::NotAuthorized {
+                reason: format!(
+                    "user \"{}\" may not connect to database \"{}\"",
+                    request.user, request.database
+                ),
+            }));
+        }
+    }
+    auth::accept(client).map_err(|e| match e {
+        AuthError::Refused(e) => Ended::Refused(e),
+        AuthError::Gone(_) => Ended::Quiet(Quiet::Left),
+    })?;
+    let startup_params = request.session_params.map_err(Ended::Refused)?;
+    Ok(Authenticated {
+        backend_user: user_cfg
+            .and_then(|u| u.backend_user.clone())
+            .unwrap_or_else(|| request.user.clone()),
+        backend_password: user_cfg
+            .and_then(|u| u.backend_password.clone().or_else(|| u.password.clone())),
+        mode: user_cfg.and_then(|u| u.pool_mode).unwrap_or(cfg.pool.mode),
+        user: request.user,
+        database: request.database,
+        startup_params,
+    })
+}
+
+/// Forwards a CancelRequest carrying one of the proxy's keys to the backend that runs
+/// that client's query, if any; never longer than `deadline`.
+async fn forward_cancel(shared: &Shared, key: (i32, i32), deadline: Option<Instant>) {
+    let Some(b) = shared.cancel().lookup(key) else {
+        return;
+    };
+    debug!(backend = %b.addr, "forwarding cancel request");
+    let send = crate::backend::send_cancel(&b.addr, b.pid, b.secret);
+    let sent = match deadline {
+        Some(d) => tokio::time::timeout_at(d, send)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        None => send.await,
+    };
+    if let Err(e) = sent {
+        debug!(error = %e, "cancel forwarding failed");
+    }
+}
+
+/// Ends a connection that did not log in: the FATAL, the metrics, the log.
+async fn end<S: AsyncRead + AsyncWrite + Unpin>(
+    mut client: ClientConn<ClientStream<S>>,
+    shared: &Shared,
+    ended: Ended,
+) {
+    match ended {
+        Ended::Refused(e) => {
+            if e == ProxyError::LoginTimeout {
+                shared.metrics().login_timeouts.inc();
+            }
+            shared.metrics().proxy_error(&e);
+            debug!(reason = e.label(), sqlstate = %e.sqlstate(), "client refused");
+            client.refuse(&e, FAREWELL).await;
+        }
+        Ended::Quiet(Quiet::TimedOut) => {
+            shared.metrics().login_timeouts.inc();
+            debug!("client_login_timeout before the startup packet: closed");
+        }
+        Ended::Quiet(why) => debug!(?why, "connection closed before login"),
+    }
+}
+
+/// Phase 5: hands an authenticated client to its session. Registers the client's
+/// cancel key, gets a first backend (its server parameters go into the startup reply;
+/// a login the server refuses, e.g. a missing database, ends here with the server's
+/// FATAL), sends the startup reply and runs the session to its end.
+pub async fn enter_session<S: AsyncRead + AsyncWrite + Unpin>(
+    client: ClientConn<S>,
+    shared: Arc<Shared>,
+    who: Authenticated,
+) {
+    let ((pid, secret), cancel_slot) = shared.cancel().register();
+    let _cancel_guard = CancelGuard(shared.clone(), (pid, secret));
+    let asked: Vec<(String, String)> = who
+        .startup_params
+        .iter()
+        .filter(|(k, _)| {
+            !SERVER_ONLY_REPORTED
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(k))
+        })
+        .cloned()
+        .collect();
+    let login = Login {
+        user: who.user,
+        database: who.database,
+        backend_user: who.backend_user,
+        backend_password: who.backend_password,
+        mode: who.mode,
+        startup_params: who.startup_params,
+        cancel_slot,
+    };
+    let mut session = Session::new(shared.clone(), client, login, rand::random::<u64>());
+    let server_params = match session.server_params().await {
+        Ok(p) => p,
+        Err(e) => {
+            match login_refusal(&e) {
+                Refusal::Server { code, message } => {
+                    debug!(%code, "the server refused the login");
+                    shared.metrics().error(&code);
+                    session.fatal(&code, &message).await;
+                }
+                Refusal::Proxy(p) => {
+                    info!(error = %e, "no backend for a new session");
+                    shared.metrics().proxy_error(&p);
+                    session.fatal(p.sqlstate().as_str(), &p.message()).await;
+                }
+            }
+            return;
+        }
+    };
+    session.send_startup_reply(&server_params, &asked, pid, secret);
+    if session.flush_client().await.is_err() {
+        return;
+    }
+    debug!("session started");
+    if let Err(e) = session.run().await {
+        debug!(error = %e, "session ended with an error");
+    }
+}
+
+/// What a client whose first backend could not be had is told.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// The server's own error (e.g. 3D000 for a missing database), passed through.
+    Server {
+        code: String,
+        message: String,
+    },
+    Proxy(ProxyError),
+}
+
+fn login_refusal(e: &PoolError) -> Refusal {
+    let backend = match e {
+        PoolError::Backend(b) => Some(b),
+        PoolError::Failed { error, .. } => Some(&**error),
+        PoolError::NoPrimary { held_ms } => {
+            return Refusal::Proxy(ProxyError::NoPrimary { held_ms: *held_ms })
+        }
+        PoolError::ConnectFailed { .. } | PoolError::Timeout(_) => None,
+    };
+    match backend {
+        Some(BackendError::Server { code, message }) => Refusal::Server {
+            code: code.clone(),
+            message: message.clone(),
+        },
+        Some(BackendError::Auth(_)) => Refusal::Proxy(ProxyError::BackendLoginRefused),
+        _ => Refusal::Proxy(ProxyError::NoBackend),
+    }
+}
+
+struct CancelGuard(Arc<Shared>, (i32, i32));
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        self.0.cancel().unregister(self.1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::SqlState;
+
+    #[test]
+    fn a_server_refusal_passes_through_and_the_rest_is_the_proxys() {
+        let server = |code: &str| PoolError::Failed {
+            addr: Arc::from("h:1"),
+            error: Arc::new(BackendError::Server {
+                code: code.into(),
+                message: "database \"x\" does not exist".into(),
+            }),
+        };
+        assert_eq!(
+            login_refusal(&server(SqlState::InvalidCatalogName.as_str())),
+            Refusal::Server {
+                code: SqlState::InvalidCatalogName.as_str().into(),
+                message: "database \"x\" does not exist".into()
+            }
+        );
+        assert_eq!(
+            login_refusal(&PoolError::Backend(BackendError::Auth("no".into()))),
+            Refusal::Proxy(ProxyError::BackendLoginRefused)
+        );
+        assert_eq!(
+            login_refusal(&PoolError::Timeout(Arc::from("h:1"))),
+            Refusal::Proxy(ProxyError::NoBackend)
+        );
+        assert_eq!(
+            login_refusal(&PoolError::NoPrimary { held_ms: 5 }),
+            Refusal::Proxy(ProxyError::NoPrimary { held_ms: 5 })
+        );
+    }
+}
