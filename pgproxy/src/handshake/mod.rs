@@ -252,16 +252,7 @@ pub async fn enter_session<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let ((pid, secret), cancel_slot) = shared.cancel().register();
     let _cancel_guard = CancelGuard(shared.clone(), (pid, secret));
-    let asked: Vec<(String, String)> = who
-        .startup_params
-        .iter()
-        .filter(|(k, _)| {
-            !SERVER_ONLY_REPORTED
-                .iter()
-                .any(|s| s.eq_ignore_ascii_case(k))
-        })
-        .cloned()
-        .collect();
+    let asked = reported(&who.startup_params);
     let login = Login {
         user: who.user,
         database: who.database,
@@ -298,6 +289,26 @@ pub async fn enter_session<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(e) = session.run().await {
         debug!(error = %e, "session ended with an error");
     }
+}
+
+/// The values the startup reply reports instead of the server's: the last value the
+/// client asked for of each setting (the one that applies), except settings only the
+/// server decides.
+fn reported(params: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (name, value) in params {
+        if SERVER_ONLY_REPORTED
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        match out.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            Some(e) => e.1 = value.clone(),
+            None => out.push((name.clone(), value.clone())),
+        }
+    }
+    out
 }
 
 /// What a client whose first backend could not be had is told.
@@ -341,6 +352,25 @@ impl Drop for CancelGuard {
 mod tests {
     use super::*;
     use crate::error::SqlState;
+
+    #[test]
+    fn the_startup_reply_reports_the_value_that_applies() {
+        let p = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            reported(&p(&[
+                ("application_name", "b"),
+                ("server_version", "1"),
+                ("Application_Name", "a"),
+                ("DateStyle", "ISO"),
+            ])),
+            p(&[("application_name", "a"), ("DateStyle", "ISO")])
+        );
+    }
 
     #[test]
     fn a_server_refusal_passes_through_and_the_rest_is_the_proxys() {
