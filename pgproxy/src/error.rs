@@ -156,6 +156,16 @@ pub enum ProxyError {
     InvalidParameterName {
         name: String,
     },
+    /// The login the proxy made on the client's behalf was refused (class 28 from the
+    /// server, or credentials the proxy lacks); `reason` is the server's or the proxy's
+    /// text, which the client and its operator need to fix `pg_hba.conf` or the config.
+    BackendLoginFailed {
+        reason: String,
+    },
+    /// TLS towards the server failed (e.g. an unknown certificate issuer).
+    BackendTls {
+        reason: String,
+    },
 
     // --- during the session ---
     /// A message the proxy cannot frame or decode (the text is fixed).
@@ -212,6 +222,8 @@ impl ProxyError {
             UnsupportedStartupOption { .. } => SqlState::FeatureNotSupported,
             UnknownParameter { .. } => SqlState::UndefinedObject,
             InvalidParameterName { .. } => SqlState::InvalidName,
+            BackendLoginFailed { .. } => SqlState::InvalidAuthorization,
+            BackendTls { .. } => SqlState::ConnectionFailure,
             MessageTooLong { .. } => SqlState::ProgramLimitExceeded,
             UnsupportedProtocol { .. } | ReplicationRefused => SqlState::FeatureNotSupported,
             TlsRequired | NoUserName | NotAuthorized { .. } | BackendLoginRefused => {
@@ -244,6 +256,8 @@ impl ProxyError {
             DataAfterEncryptionRequest { .. } => "invalid_startup",
             InvalidStartupOption { .. } | UnsupportedStartupOption { .. } => "invalid_options",
             UnknownParameter { .. } | InvalidParameterName { .. } => "invalid_parameter",
+            BackendLoginFailed { .. } => "backend_login_refused",
+            BackendTls { .. } => "backend_tls",
             PasswordFailed { .. } => "auth_failed",
             NotAuthorized { .. } => "not_authorized",
             InvalidMessage(_) | UnknownMessageType(_) => "protocol_violation",
@@ -294,6 +308,10 @@ impl ProxyError {
             UnknownParameter { name } => format!("unrecognized configuration parameter \"{name}\""),
             InvalidParameterName { name } => {
                 format!("invalid configuration parameter name \"{name}\"")
+            }
+            BackendLoginFailed { reason } => format!("backend login failed: {reason}"),
+            BackendTls { reason } => {
+                format!("meridian-pgproxy: TLS to the server failed: {reason}")
             }
             InvalidMessage(what) => format!("invalid message format: {what}"),
             MessageTooLong { len, max } => {

@@ -336,7 +336,14 @@ fn login_refusal(e: &PoolError) -> Refusal {
             code: code.clone(),
             message: message.clone(),
         },
-        Some(BackendError::Auth(_)) => Refusal::Proxy(ProxyError::BackendLoginRefused),
+        // The reason is what lets the operator fix pg_hba.conf or the proxy's TLS
+        // settings (and what the client saw before the error edge existed).
+        Some(BackendError::Auth(reason)) => Refusal::Proxy(ProxyError::BackendLoginFailed {
+            reason: reason.clone(),
+        }),
+        Some(BackendError::Tls(reason)) => Refusal::Proxy(ProxyError::BackendTls {
+            reason: reason.clone(),
+        }),
         _ => Refusal::Proxy(ProxyError::NoBackend),
     }
 }
@@ -352,6 +359,154 @@ impl Drop for CancelGuard {
 mod tests {
     use super::*;
     use crate::error::SqlState;
+    use crate::shared::SharedParts;
+    use bytes::{BufMut, BytesMut};
+    use meridian_shared::config::{AuthMethod, UserConfig};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::sync::watch;
+
+    /// A proxy's shared state with no reachable backend, and its config sender.
+    fn shared(cfg: ProxyConfig) -> (Arc<Shared>, watch::Sender<Arc<ProxyConfig>>) {
+        let topology = Arc::new(crate::topology::Topology::from_config(&cfg));
+        let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg));
+        let (_topo_tx, topo_rx) = watch::channel(topology);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared::new(SharedParts {
+            config: cfg_rx,
+            pools: Arc::default(),
+            topology: topo_rx,
+            replicas: crate::health::ReplicaTable::default(),
+            classifier: meridian_sqlroute::Classifier::new(16),
+            catalog: meridian_sqlroute::FunctionCatalog::with_builtin_defaults(),
+            metrics: Arc::default(),
+            backend_tls: crate::tls::BackendTls::disabled(),
+            tls_acceptor: None,
+            shutdown: stop_rx,
+            cache: None,
+        }));
+        (shared, cfg_tx)
+    }
+
+    fn config() -> ProxyConfig {
+        let mut cfg = ProxyConfig {
+            client_login_timeout: Duration::from_millis(200),
+            max_clients: 1,
+            ..Default::default()
+        };
+        cfg.backends.primary = Some("127.0.0.1:1".into());
+        cfg.users = vec![UserConfig {
+            name: "app".into(),
+            password: Some("pw".into()),
+            scram_verifier: None,
+            auth: None,
+            backend_user: None,
+            backend_password: None,
+            pool_mode: None,
+            databases: vec![],
+        }];
+        cfg
+    }
+
+    fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = BytesMut::new();
+        body.put_i32(wire::PROTOCOL_3_0);
+        for (k, v) in params {
+            body.put_slice(format!("{k}\0{v}\0").as_bytes());
+        }
+        body.put_u8(0);
+        let mut b = BytesMut::new();
+        b.put_i32(body.len() as i32 + 4);
+        b.put_slice(&body);
+        b.to_vec()
+    }
+
+    /// (tag, auth code or SQLSTATE) of every message until the proxy closes.
+    async fn answers(mut peer: DuplexStream) -> Vec<(u8, String)> {
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), peer.read_to_end(&mut raw))
+            .await
+            .expect("the proxy did not close the connection")
+            .unwrap();
+        let mut out = Vec::new();
+        let mut buf = &raw[..];
+        while buf.len() >= 5 {
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            let f = wire::Frame::new(buf[0], &buf[5..1 + len]);
+            let what = match f.tag {
+                b'R' => i32::from_be_bytes(f.body()[..4].try_into().unwrap()).to_string(),
+                b'E' => wire::error_fields(&f).1,
+                _ => String::new(),
+            };
+            out.push((f.tag, what));
+            buf = &buf[1 + len..];
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_login_stalled_in_scram_holds_its_slot_until_the_timeout_then_gets_57014() {
+        let (shared, _cfg) = shared(config());
+        let (a, mut stalled) = tokio::io::duplex(4096);
+        let first = tokio::spawn(serve_stream(a, shared.clone()));
+        stalled
+            .write_all(&startup_packet(&[("user", "app")]))
+            .await
+            .unwrap();
+        let mut head = [0u8; 5];
+        stalled.read_exact(&mut head).await.unwrap();
+        let mut body = vec![0u8; i32::from_be_bytes(head[1..5].try_into().unwrap()) as usize - 4];
+        stalled.read_exact(&mut body).await.unwrap();
+        assert_eq!((head[0], &body[..4]), (b'R', &10i32.to_be_bytes()[..]));
+
+        // The one slot is taken: the next client is told so after its startup packet.
+        let (b, mut second) = tokio::io::duplex(4096);
+        let refused = tokio::spawn(serve_stream(b, shared.clone()));
+        second
+            .write_all(&startup_packet(&[("user", "app")]))
+            .await
+            .unwrap();
+        assert_eq!(
+            answers(second).await,
+            vec![(b'E', SqlState::TooManyConnections.as_str().to_owned())]
+        );
+        refused.await.unwrap();
+
+        // The stalled one ends at the deadline with FATAL 57014.
+        assert_eq!(
+            answers(stalled).await,
+            vec![(b'E', SqlState::QueryCanceled.as_str().to_owned())]
+        );
+        first.await.unwrap();
+        assert_eq!(shared.metrics().login_timeouts.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn bad_options_are_refused_after_authentication_like_postgresql() {
+        let mut cfg = config();
+        cfg.auth = AuthMethod::Trust;
+        cfg.users.clear();
+        let (shared, _cfg) = shared(cfg);
+        let (a, mut peer) = tokio::io::duplex(4096);
+        let task = tokio::spawn(serve_stream(a, shared.clone()));
+        peer.write_all(&startup_packet(&[("user", "u"), ("options", "-c foo")]))
+            .await
+            .unwrap();
+        assert_eq!(
+            answers(peer).await,
+            vec![
+                (b'R', "0".to_owned()),
+                (b'E', SqlState::SyntaxError.as_str().to_owned())
+            ]
+        );
+        task.await.unwrap();
+        // Counted by class and by reason.
+        let body = shared.metrics().render(shared.pools());
+        assert!(body.contains("errors_total{class=\"42\"} 1"), "{body}");
+        assert!(
+            body.contains("proxy_errors_total{reason=\"invalid_options\"} 1"),
+            "{body}"
+        );
+    }
 
     #[test]
     fn the_startup_reply_reports_the_value_that_applies() {
@@ -388,10 +543,25 @@ mod tests {
                 message: "database \"x\" does not exist".into()
             }
         );
-        assert_eq!(
-            login_refusal(&PoolError::Backend(BackendError::Auth("no".into()))),
-            Refusal::Proxy(ProxyError::BackendLoginRefused)
-        );
+        let refusal = login_refusal(&PoolError::Backend(BackendError::Auth(
+            "no pg_hba.conf entry for host \"127.0.0.1\", no encryption".into(),
+        )));
+        let Refusal::Proxy(e) = refusal else {
+            panic!("{refusal:?}")
+        };
+        assert_eq!(e.sqlstate(), SqlState::InvalidAuthorization);
+        assert!(e.message().contains("no encryption"), "{e}");
+        let refusal = login_refusal(&PoolError::Failed {
+            addr: Arc::from("h:1"),
+            error: Arc::new(BackendError::Tls(
+                "invalid peer certificate: UnknownIssuer".into(),
+            )),
+        });
+        let Refusal::Proxy(e) = refusal else {
+            panic!("{refusal:?}")
+        };
+        assert_eq!(e.sqlstate(), SqlState::ConnectionFailure);
+        assert!(e.message().contains("certificate"), "{e}");
         assert_eq!(
             login_refusal(&PoolError::Timeout(Arc::from("h:1"))),
             Refusal::Proxy(ProxyError::NoBackend)
