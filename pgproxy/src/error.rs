@@ -33,6 +33,14 @@ pub enum SqlState {
     InvalidPassword,
     /// 34000 invalid_cursor_name
     InvalidCursorName,
+    /// 3D000 invalid_catalog_name (a missing database: the server's, passed through)
+    InvalidCatalogName,
+    /// 42601 syntax_error
+    SyntaxError,
+    /// 42602 invalid_name
+    InvalidName,
+    /// 42704 undefined_object
+    UndefinedObject,
     /// 42P05 duplicate_prepared_statement
     DuplicatePreparedStatement,
     /// 53300 too_many_connections
@@ -59,6 +67,10 @@ impl SqlState {
             SqlState::InvalidAuthorization => "28000",
             SqlState::InvalidPassword => "28P01",
             SqlState::InvalidCursorName => "34000",
+            SqlState::InvalidCatalogName => "3D000",
+            SqlState::SyntaxError => "42601",
+            SqlState::InvalidName => "42602",
+            SqlState::UndefinedObject => "42704",
             SqlState::DuplicatePreparedStatement => "42P05",
             SqlState::TooManyConnections => "53300",
             SqlState::ProgramLimitExceeded => "54000",
@@ -123,6 +135,37 @@ pub enum ProxyError {
     },
     /// The client broke the authentication exchange (the text is fixed, never client data).
     AuthProtocol(&'static str),
+    /// Bytes arrived behind an SSLRequest (`gss: false`) or GSSENCRequest before its
+    /// answer: unencrypted data that may have been injected (PostgreSQL's CVE-2021-23214 check).
+    DataAfterEncryptionRequest {
+        gss: bool,
+    },
+    /// The `options` startup parameter could not be parsed (PostgreSQL's message).
+    InvalidStartupOption {
+        message: String,
+    },
+    /// An `options` switch other than `-c name=value` / `--name=value`.
+    UnsupportedStartupOption {
+        switch: String,
+    },
+    /// A startup parameter that cannot name any setting (no dot, not an identifier).
+    UnknownParameter {
+        name: String,
+    },
+    /// A dotted startup parameter name that is not two or more identifiers.
+    InvalidParameterName {
+        name: String,
+    },
+    /// The login the proxy made on the client's behalf was refused (class 28 from the
+    /// server, or credentials the proxy lacks); `reason` is the server's or the proxy's
+    /// text, which the client and its operator need to fix `pg_hba.conf` or the config.
+    BackendLoginFailed {
+        reason: String,
+    },
+    /// TLS towards the server failed (e.g. an unknown certificate issuer).
+    BackendTls {
+        reason: String,
+    },
 
     // --- during the session ---
     /// A message the proxy cannot frame or decode (the text is fixed).
@@ -140,8 +183,6 @@ pub enum ProxyError {
     },
     /// The proxy could not get a backend for the statement (the reason is logged, not sent).
     NoBackend,
-    /// The server's TLS certificate was not accepted (`backend_tls` settings).
-    BackendCertificate,
     /// The failover hold ran out without a serving primary.
     NoPrimary {
         held_ms: u128,
@@ -162,9 +203,6 @@ pub enum ProxyError {
     },
     /// The proxy is shutting down.
     ShuttingDown,
-    /// The server refused the login the proxy made on the client's behalf with an
-    /// authentication error (its SQLSTATE class 28 is kept; the message is the proxy's).
-    BackendLoginRefused,
 }
 
 impl ProxyError {
@@ -176,18 +214,21 @@ impl ProxyError {
             }
             InvalidMessage(_) | UnknownMessageType(_) => SqlState::ProtocolViolation,
             AuthMessageTooLong => SqlState::ProtocolViolation,
+            DataAfterEncryptionRequest { .. } => SqlState::ProtocolViolation,
+            InvalidStartupOption { .. } => SqlState::SyntaxError,
+            UnsupportedStartupOption { .. } => SqlState::FeatureNotSupported,
+            UnknownParameter { .. } => SqlState::UndefinedObject,
+            InvalidParameterName { .. } => SqlState::InvalidName,
+            BackendLoginFailed { .. } => SqlState::InvalidAuthorization,
+            BackendTls { .. } => SqlState::ConnectionFailure,
             MessageTooLong { .. } => SqlState::ProgramLimitExceeded,
             UnsupportedProtocol { .. } | ReplicationRefused => SqlState::FeatureNotSupported,
-            TlsRequired | NoUserName | NotAuthorized { .. } | BackendLoginRefused => {
-                SqlState::InvalidAuthorization
-            }
+            TlsRequired | NoUserName | NotAuthorized { .. } => SqlState::InvalidAuthorization,
             PasswordFailed { .. } => SqlState::InvalidPassword,
             TooManyClients => SqlState::TooManyConnections,
             LoginTimeout => SqlState::QueryCanceled,
             DuplicatePreparedStatement { .. } => SqlState::DuplicatePreparedStatement,
-            NoBackend | BackendCertificate | NoPrimary { .. } | BackendLost { .. } => {
-                SqlState::ConnectionFailure
-            }
+            NoBackend | NoPrimary { .. } | BackendLost { .. } => SqlState::ConnectionFailure,
             TransactionLost => SqlState::InFailedSqlTransaction,
             InvalidSetting { .. } => SqlState::InvalidParameterValue,
             ReadOnlySetting { .. } => SqlState::CantChangeRuntimeParam,
@@ -207,19 +248,22 @@ impl ProxyError {
             TooManyClients => "too_many_clients",
             LoginTimeout => "login_timeout",
             AuthMessageTooLong | AuthProtocol(_) => "auth_protocol",
+            DataAfterEncryptionRequest { .. } => "invalid_startup",
+            InvalidStartupOption { .. } | UnsupportedStartupOption { .. } => "invalid_options",
+            UnknownParameter { .. } | InvalidParameterName { .. } => "invalid_parameter",
+            BackendLoginFailed { .. } => "backend_login_refused",
+            BackendTls { .. } => "backend_tls",
             PasswordFailed { .. } => "auth_failed",
             NotAuthorized { .. } => "not_authorized",
             InvalidMessage(_) | UnknownMessageType(_) => "protocol_violation",
             MessageTooLong { .. } => "message_too_long",
             DuplicatePreparedStatement { .. } => "duplicate_statement",
             NoBackend => "no_backend",
-            BackendCertificate => "backend_tls",
             NoPrimary { .. } => "no_primary",
             BackendLost { .. } => "backend_lost",
             TransactionLost => "transaction_lost",
             InvalidSetting { .. } | ReadOnlySetting { .. } => "bad_setting",
             ShuttingDown => "shutting_down",
-            BackendLoginRefused => "backend_login_refused",
         }
     }
 
@@ -245,6 +289,24 @@ impl ProxyError {
             }
             NotAuthorized { reason } => reason.clone(),
             AuthProtocol(what) => what.to_string(),
+            DataAfterEncryptionRequest { gss: false } => {
+                "received unencrypted data after SSL request".into()
+            }
+            DataAfterEncryptionRequest { gss: true } => {
+                "received unencrypted data after GSSAPI encryption request".into()
+            }
+            InvalidStartupOption { message } => message.clone(),
+            UnsupportedStartupOption { switch } => format!(
+                "meridian-pgproxy accepts only -c name=value and --name=value in options, not {switch}"
+            ),
+            UnknownParameter { name } => format!("unrecognized configuration parameter \"{name}\""),
+            InvalidParameterName { name } => {
+                format!("invalid configuration parameter name \"{name}\"")
+            }
+            BackendLoginFailed { reason } => format!("backend login failed: {reason}"),
+            BackendTls { reason } => {
+                format!("meridian-pgproxy: TLS to the server failed: {reason}")
+            }
             InvalidMessage(what) => format!("invalid message format: {what}"),
             MessageTooLong { len, max } => {
                 format!("message of {len} bytes exceeds the limit of {max} bytes")
@@ -254,9 +316,6 @@ impl ProxyError {
                 format!("prepared statement \"{name}\" already exists")
             }
             NoBackend => "meridian-pgproxy: no server available for the statement".into(),
-            BackendCertificate => {
-                "meridian-pgproxy: the server's TLS certificate was not accepted".into()
-            }
             NoPrimary { held_ms } => {
                 format!("no primary available: failover in progress (held {held_ms} ms)")
             }
@@ -270,7 +329,6 @@ impl ProxyError {
                 format!("parameter \"{name}\" cannot be changed: it is set by the proxy")
             }
             ShuttingDown => "terminating connection: meridian-pgproxy is shutting down".into(),
-            BackendLoginRefused => "meridian-pgproxy could not log in to the server on the client's behalf".into(),
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use meridian_pgproxy::auth::ScramKeys;
 use meridian_pgproxy::topology::Topology;
 use meridian_pgproxy::{follow, run, Listeners};
 use meridian_shared::config::{self, AuthMethod, PoolMode, ProxyConfig, ReplicaConfig};
@@ -52,9 +53,18 @@ struct Args {
     /// Maximum backend connections per (backend, database, user) pool [default: 50].
     #[arg(long, env = "MERIDIAN_PGPROXY_POOL_SIZE")]
     pool_size: Option<u32>,
-    /// Maximum client connections [default: 1000].
+    /// Maximum client connections, counted from accept (clients still logging in
+    /// included) [default: 1000].
     #[arg(long, env = "MERIDIAN_PGPROXY_MAX_CLIENTS")]
     max_clients: Option<usize>,
+    /// Time a client has from its connect to the end of authentication; then it is
+    /// disconnected (FATAL 57014 once it sent its startup packet) [default: 60s].
+    #[arg(long, env = "MERIDIAN_PGPROXY_CLIENT_LOGIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    client_login_timeout: Option<Duration>,
+    /// Largest message accepted before authentication (password, SASL), in bytes;
+    /// longer ones are refused with 08P01 [default: 8192].
+    #[arg(long, env = "MERIDIAN_PGPROXY_MAX_AUTH_MESSAGE")]
+    max_auth_message: Option<usize>,
     /// PEM certificate offered to clients (enables TLS) [default: none].
     #[arg(long, env = "MERIDIAN_PGPROXY_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -150,6 +160,12 @@ impl Args {
         if let Some(v) = self.max_clients {
             cfg.max_clients = v;
         }
+        if let Some(v) = self.client_login_timeout {
+            cfg.client_login_timeout = v;
+        }
+        if let Some(v) = self.max_auth_message {
+            cfg.max_auth_message = v;
+        }
         if let Some(v) = &self.tls_cert {
             cfg.tls.cert = Some(v.clone());
         }
@@ -214,6 +230,8 @@ fn main() -> anyhow::Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
+    // SCRAM keys of cleartext passwords are derived once, here, not at each login.
+    ScramKeys::global().prepare(&cfg);
     let mut runtime = match cfg.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
@@ -299,11 +317,19 @@ async fn serve(args: Args, cfg: ProxyConfig) -> anyhow::Result<()> {
             _ = reload_rx.changed() => {
                 match args.effective() {
                     Ok(new) => {
+                        // Derive changed passwords' SCRAM keys off the async workers,
+                        // before the new configuration takes logins.
+                        let new = Arc::new(new);
+                        let prepared = new.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            ScramKeys::global().prepare(&prepared)
+                        })
+                        .await;
                         tracing::info!("SIGHUP: configuration reloaded");
                         if follower.is_none() {
                             let _ = topo_tx.send(Arc::new(Topology::from_config(&new)));
                         }
-                        let _ = config_tx.send(Arc::new(new));
+                        let _ = config_tx.send(new);
                     }
                     Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded"),
                 }

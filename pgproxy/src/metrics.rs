@@ -1,8 +1,14 @@
 //! Prometheus metrics of the proxy and the admin HTTP server (`/health`, `/metrics`).
+//!
+//! Every label set is bounded: errors by SQLSTATE class and by the proxy's fixed
+//! [`ProxyError::label`], pools by (backend, database, user) only while the pool
+//! exists — the series of a pool that is gone are removed at the next render, so
+//! clients naming thousands of databases leave no series behind.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -15,6 +21,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::error::ProxyError;
 use crate::pool::Pools;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -33,6 +40,11 @@ pub struct ClassLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub backend: String,
     pub database: String,
@@ -46,8 +58,14 @@ pub struct Metrics {
     pub queries: Family<TargetLabel, Counter>,
     pub parse_fallbacks: Counter,
     pub errors: Family<ClassLabel, Counter>,
+    /// Errors the proxy itself raised towards clients, by [`ProxyError::label`].
+    pub proxy_errors: Family<ReasonLabel, Counter>,
+    /// Connections closed by `client_login_timeout` (with or without a FATAL).
+    pub login_timeouts: Counter,
     pub latency: Histogram,
     pub backend_connections: Family<PoolLabels, Gauge>,
+    /// The pool series written at the last render (removed when their pool is gone).
+    pool_series: Mutex<HashSet<PoolLabels>>,
     /// Sessions that waited for a primary (failover hold), and how long in total.
     pub failover_holds: Counter,
     pub failover_hold_seconds: Counter<f64, AtomicU64>,
@@ -94,6 +112,18 @@ impl Metrics {
             "errors",
             "Errors sent to clients, by SQLSTATE class",
             errors.clone(),
+        );
+        let proxy_errors = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "proxy_errors",
+            "Errors the proxy raised towards clients, by reason",
+            proxy_errors.clone(),
+        );
+        let login_timeouts = Counter::default();
+        registry.register(
+            "login_timeouts",
+            "Connections closed because they did not finish logging in within client_login_timeout",
+            login_timeouts.clone(),
         );
         let latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register(
@@ -197,8 +227,11 @@ impl Metrics {
             queries,
             parse_fallbacks,
             errors,
+            proxy_errors,
+            login_timeouts,
             latency,
             backend_connections,
+            pool_series: Mutex::default(),
         }
     }
 
@@ -216,9 +249,18 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts an error sent to a client by its SQLSTATE's class (the server's errors too).
     pub fn error(&self, sqlstate: &str) {
         let class = sqlstate.get(..2).unwrap_or("XX").to_owned();
         self.errors.get_or_create(&ClassLabel { class }).inc();
+    }
+
+    /// Counts an error the proxy raised towards a client: by class and by reason.
+    pub fn proxy_error(&self, e: &ProxyError) {
+        self.error(e.sqlstate().as_str());
+        self.proxy_errors
+            .get_or_create(&ReasonLabel { reason: e.label() })
+            .inc();
     }
 
     /// Sets the topology gauges.
@@ -228,20 +270,30 @@ impl Metrics {
         self.primary_available.set(i64::from(t.primary.is_some()));
     }
 
-    /// Renders the exposition text, refreshing pool gauges first.
+    /// Renders the exposition text, refreshing pool gauges first: the series of pools
+    /// that no longer exist are removed.
     pub fn render(&self, pools: &Pools) -> String {
+        // Held throughout, so two renders cannot remove each other's fresh series.
+        let mut written = self.pool_series.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = HashSet::new();
         for (key, total, idle) in pools.stats() {
             for (state, n) in [("active", total.saturating_sub(idle)), ("idle", idle)] {
+                let labels = PoolLabels {
+                    backend: key.addr.to_string(),
+                    database: key.database.clone(),
+                    user: key.user.clone(),
+                    state,
+                };
                 self.backend_connections
-                    .get_or_create(&PoolLabels {
-                        backend: key.addr.to_string(),
-                        database: key.database.clone(),
-                        user: key.user.clone(),
-                        state,
-                    })
+                    .get_or_create(&labels)
                     .set(n as i64);
+                current.insert(labels);
             }
         }
+        for gone in written.difference(&current) {
+            self.backend_connections.remove(gone);
+        }
+        *written = current;
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

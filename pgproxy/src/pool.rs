@@ -19,10 +19,18 @@
 //! extra round trip (which a failover across a WAN would pay).
 //! A new leader or epoch therefore always gets fresh pools; the old ones are
 //! dropped by [`Pools::retain_topology`].
+//!
+//! Pools are keyed by what clients name (database, user), so they must not outlive
+//! their use: a pool whose connect failed with an error that waiting cannot cure (the
+//! database does not exist, the login is refused) is removed at once, and a pool
+//! left without connections is reclaimed once `pool.idle_timeout` has passed since
+//! it was last asked for (checked at most once a second, when a pool is asked for or
+//! the metrics are rendered). The failure the waiting sessions get is the server's
+//! own error ([`PoolError::Failed`]), so a login to a missing database gets 3D000.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use meridian_shared::config::PoolConfig;
 use prometheus_client::metrics::counter::Counter;
@@ -49,13 +57,12 @@ pub struct PoolKey {
 /// A connect failure as broadcast to the sessions waiting on a pool.
 #[derive(Debug, Clone)]
 pub struct Failure {
-    pub message: Arc<str>,
-    /// The server's own refusal (SQLSTATE, message), which the client is shown as is.
-    pub server: Option<(String, String)>,
-    /// The server is unreachable, starting, shutting down or fenced (worth
-    /// waiting for during a failover), as opposed to e.g. an authentication error.
-    pub unavailable: bool,
+    /// The error itself: a server's refusal keeps its SQLSTATE and message.
+    pub error: Arc<BackendError>,
 }
+
+/// How often pools are checked for reclaiming.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Manager {
     params: ConnectParams,
@@ -126,16 +133,17 @@ impl bb8::ManageConnection for Manager {
         match self.connect_checked().await {
             Ok(c) => Ok(c),
             Err(e) => {
-                let server = match &e {
-                    BackendError::Server { code, message } => Some((code.clone(), message.clone())),
-                    _ => None,
+                // The waiting sessions get the error itself; bb8 gets a copy of
+                // what it needs (`BackendError` holds an `io::Error`, not `Clone`).
+                let copy = match &e {
+                    BackendError::Server { code, message } => BackendError::Server {
+                        code: code.clone(),
+                        message: message.clone(),
+                    },
+                    other => BackendError::Protocol(other.to_string()),
                 };
-                let _ = self.failures.send(Failure {
-                    message: Arc::from(e.to_string()),
-                    server,
-                    unavailable: e.is_unavailable(),
-                });
-                Err(e)
+                let _ = self.failures.send(Failure { error: Arc::new(e) });
+                Err(copy)
             }
         }
     }
@@ -170,8 +178,13 @@ pub enum PoolError {
         addr: Arc<str>,
         message: Arc<str>,
         unavailable: bool,
-        /// The server's own refusal (SQLSTATE, message), if it refused.
-        server: Option<(String, String)>,
+    },
+    /// A connect attempt of the pool failed with this error (a server's refusal,
+    /// e.g. 3D000 for a missing database, keeps its code and message).
+    #[error("cannot connect to backend {addr}: {error}")]
+    Failed {
+        addr: Arc<str>,
+        error: Arc<BackendError>,
     },
     #[error("timed out waiting for a connection to {0}")]
     Timeout(Arc<str>),
@@ -186,6 +199,7 @@ impl PoolError {
         match self {
             PoolError::Backend(e) => e.is_unavailable(),
             PoolError::ConnectFailed { unavailable, .. } => *unavailable,
+            PoolError::Failed { error, .. } => error.is_unavailable(),
             PoolError::Timeout(_) | PoolError::NoPrimary { .. } => true,
         }
     }
@@ -194,13 +208,54 @@ impl PoolError {
 struct Entry {
     pool: bb8::Pool<Manager>,
     failures: broadcast::Sender<Failure>,
+    /// When the pool was last asked for a connection.
+    last_wanted: Mutex<Instant>,
+    /// `pool.idle_timeout` when the pool was created.
+    idle_timeout: Duration,
+}
+
+impl Entry {
+    fn wanted(&self) {
+        *self.last_wanted.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn reclaimable(&self, now: Instant) -> bool {
+        let last = *self.last_wanted.lock().unwrap_or_else(|e| e.into_inner());
+        reclaimable(self.pool.state().connections, last, self.idle_timeout, now)
+    }
+}
+
+/// Whether a pool with `connections`, last asked for at `last_wanted`, may be
+/// dropped at `now` (pure).
+pub fn reclaimable(
+    connections: u32,
+    last_wanted: Instant,
+    idle_timeout: Duration,
+    now: Instant,
+) -> bool {
+    connections == 0 && now.saturating_duration_since(last_wanted) >= idle_timeout
 }
 
 /// All pools of a proxy.
-#[derive(Default)]
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<Entry>>>,
     fence_rejections: Counter,
+    last_sweep: Mutex<Instant>,
+}
+
+impl Default for Pools {
+    fn default() -> Self {
+        Pools::new(Counter::default())
+    }
+}
+
+fn key_of(params: &ConnectParams, fence: Option<u64>) -> PoolKey {
+    PoolKey {
+        addr: params.addr.clone(),
+        database: params.database.clone(),
+        user: params.user.clone(),
+        fence,
+    }
 }
 
 impl Pools {
@@ -209,22 +264,54 @@ impl Pools {
         Pools {
             pools: Mutex::default(),
             fence_rejections,
+            last_sweep: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// The number of pools.
+    pub fn len(&self) -> usize {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops the pools [`reclaimable`] now, at most once per [`SWEEP_EVERY`].
+    fn sweep(&self) {
+        let now = Instant::now();
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
+            if now.saturating_duration_since(*last) < SWEEP_EVERY {
+                return;
+            }
+            *last = now;
+        }
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|_, e| !e.reclaimable(now));
+    }
+
+    /// Drops the pool of `key` if it is still `entry` and has no connections: its
+    /// connect failed in a way waiting cannot cure.
+    fn forget_failed(&self, key: &PoolKey, entry: &Arc<Entry>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if pools.get(key).is_some_and(|e| Arc::ptr_eq(e, entry))
+            && entry.pool.state().connections == 0
+        {
+            pools.remove(key);
         }
     }
 
     /// The pool for `params`, created with `cfg` if it does not exist yet
     /// (so reloaded pool settings apply to pools created from then on).
-    fn entry(&self, params: &ConnectParams, fence: Option<u64>, cfg: &PoolConfig) -> Arc<Entry> {
-        let key = PoolKey {
-            addr: params.addr.clone(),
-            database: params.database.clone(),
-            user: params.user.clone(),
-            fence,
-        };
+    fn entry(&self, key: &PoolKey, params: &ConnectParams, cfg: &PoolConfig) -> Arc<Entry> {
+        self.sweep();
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = pools.get(&key) {
+        if let Some(e) = pools.get(key) {
+            e.wanted();
             return e.clone();
         }
+        let fence = key.fence;
         let (failures, _) = broadcast::channel(16);
         let manager = Manager {
             params: params.clone(),
@@ -241,12 +328,19 @@ impl Pools {
                 None
             })
             .idle_timeout(Some(cfg.idle_timeout))
+            // Idle connections are closed within a reap of their timeout.
+            .reaper_rate(cfg.idle_timeout.min(Duration::from_secs(30)))
             .connection_timeout(cfg.connect_timeout)
             .retry_connection(false)
             .test_on_check_out(true)
             .build_unchecked(manager);
-        let entry = Arc::new(Entry { pool, failures });
-        pools.insert(key, entry.clone());
+        let entry = Arc::new(Entry {
+            pool,
+            failures,
+            last_wanted: Mutex::new(Instant::now()),
+            idle_timeout: cfg.idle_timeout,
+        });
+        pools.insert(key.clone(), entry.clone());
         entry
     }
 
@@ -258,31 +352,37 @@ impl Pools {
         fence: Option<u64>,
         cfg: &PoolConfig,
     ) -> Result<Pooled, PoolError> {
-        let entry = self.entry(params, fence, cfg);
+        let key = key_of(params, fence);
+        let entry = self.entry(&key, params, cfg);
         let mut failures = entry.failures.subscribe();
-        tokio::select! {
+        let r = tokio::select! {
             r = entry.pool.get_owned() => r.map_err(|e| match e {
                 bb8::RunError::User(e) => PoolError::Backend(e),
                 bb8::RunError::TimedOut => PoolError::Timeout(params.addr.clone()),
             }),
-            f = failures.recv() => {
-                let f = f.unwrap_or_else(|_| Failure {
-                    message: Arc::from("connection failed"),
-                    server: None,
-                    unavailable: true,
-                });
-                Err(PoolError::ConnectFailed {
+            f = failures.recv() => Err(match f {
+                Ok(f) => PoolError::Failed {
                     addr: params.addr.clone(),
-                    message: f.message,
-                    unavailable: f.unavailable,
-                    server: f.server,
-                })
+                    error: f.error,
+                },
+                Err(_) => PoolError::ConnectFailed {
+                    addr: params.addr.clone(),
+                    message: Arc::from("connection failed"),
+                    unavailable: true,
+                },
+            }),
+        };
+        if let Err(e) = &r {
+            if !e.is_unavailable() {
+                self.forget_failed(&key, &entry);
             }
         }
+        r
     }
 
-    /// (key, connections, idle) of every pool, for metrics.
+    /// (key, connections, idle) of every pool, for metrics. Reclaims unused pools first.
     pub fn stats(&self) -> Vec<(PoolKey, u32, u32)> {
+        self.sweep();
         let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools
             .iter()
@@ -350,6 +450,62 @@ mod tests {
             database: "d".into(),
             user: "u".into(),
             fence,
+        }
+    }
+
+    #[test]
+    fn only_an_empty_pool_unwanted_for_its_idle_timeout_is_reclaimed() {
+        let t0 = Instant::now();
+        let idle = Duration::from_secs(600);
+        assert!(!reclaimable(0, t0, idle, t0 + Duration::from_secs(599)));
+        assert!(reclaimable(0, t0, idle, t0 + idle));
+        assert!(!reclaimable(1, t0, idle, t0 + Duration::from_secs(6000)));
+        // A clock that went backwards reclaims nothing.
+        assert!(!reclaimable(0, t0 + idle, idle, t0));
+    }
+
+    #[tokio::test]
+    async fn a_pool_whose_connect_is_refused_for_good_is_dropped_and_reports_the_error() {
+        // A server that answers every startup packet with FATAL 3D000.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let e = crate::wire::error_response(
+                    "FATAL",
+                    crate::error::SqlState::InvalidCatalogName.as_str(),
+                    "database \"nope\" does not exist",
+                );
+                let _ = s.write_all(&e.raw).await;
+            }
+        });
+        let pools = Pools::default();
+        let params = ConnectParams {
+            addr: Arc::from(addr.to_string()),
+            user: "u".into(),
+            database: "nope".into(),
+            password: None,
+            tls: crate::tls::BackendTls::disabled(),
+            connect_timeout: Duration::from_secs(5),
+            max_message: 1 << 20,
+        };
+        let cfg = PoolConfig::default();
+        for _ in 0..3 {
+            match pools.get(&params, None, &cfg).await {
+                Err(PoolError::Failed { error, .. }) => match &*error {
+                    BackendError::Server { code, message } => {
+                        assert_eq!(code, crate::error::SqlState::InvalidCatalogName.as_str());
+                        assert_eq!(message, "database \"nope\" does not exist");
+                    }
+                    other => panic!("{other:?}"),
+                },
+                Err(other) => panic!("{other:?}"),
+                Ok(_) => panic!("connected"),
+            }
+            assert!(pools.is_empty(), "the failed pool is gone");
         }
     }
 

@@ -55,10 +55,18 @@ impl Frame {
     }
 }
 
+/// The most a read buffer is grown ahead of the bytes that have arrived, beyond
+/// doubling what is already buffered: a long message's buffer grows as its bytes
+/// come, so an announced length costs nothing until the bytes are sent.
+pub const READ_AHEAD: usize = 64 * 1024;
+
 /// Cuts one tagged message out of `buf` if it is complete.
 ///
 /// Returns `Ok(None)` when more bytes are needed; a length below 4 or above
-/// `max` is an error (the connection cannot be resynchronised after it).
+/// `max` is an error (the connection cannot be resynchronised after it). The
+/// announced length is never reserved up front: an incomplete message grows the
+/// buffer by at most `max(READ_AHEAD, bytes buffered)`, so memory follows the bytes
+/// received (geometric growth keeps copying linear) rather than the length field.
 pub fn try_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, WireError> {
     if buf.len() < 5 {
         return Ok(None);
@@ -72,7 +80,8 @@ pub fn try_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, WireEr
         return Err(WireError::TooLarge { len: total, max });
     }
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        let missing = total - buf.len();
+        buf.reserve(missing.min(READ_AHEAD.max(buf.len())));
         return Ok(None);
     }
     let tag = buf[0];
@@ -413,6 +422,30 @@ mod tests {
         ));
         let mut buf = BytesMut::from(&[b'Q', 0, 0, 0, 2][..]);
         assert_eq!(try_frame(&mut buf, 1024), Err(WireError::BadLength(2)));
+    }
+
+    #[test]
+    fn an_announced_length_is_not_reserved_before_its_bytes_arrive() {
+        // A 1 GiB message announced, 100 bytes sent: the buffer must not take 1 GiB.
+        let len = (1u32 << 30) - 64;
+        let mut buf = BytesMut::new();
+        buf.put_u8(b'Q');
+        buf.put_u32(len);
+        buf.put_slice(&[b'x'; 100]);
+        assert_eq!(try_frame(&mut buf, 1 << 30).unwrap(), None);
+        assert!(buf.capacity() <= 2 * READ_AHEAD, "{}", buf.capacity());
+        // Growing as bytes arrive still cuts the whole message out in the end.
+        let body = vec![b'y'; 3 * READ_AHEAD];
+        let f = Frame::new(b'd', &body);
+        let mut buf = BytesMut::new();
+        let mut got = None;
+        for chunk in f.raw.chunks(1000) {
+            assert!(got.is_none());
+            buf.put_slice(chunk);
+            got = try_frame(&mut buf, 1 << 20).unwrap();
+            assert!(buf.capacity() <= 4 * buf.len().max(READ_AHEAD));
+        }
+        assert_eq!(got, Some(f));
     }
 
     #[test]

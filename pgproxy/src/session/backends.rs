@@ -101,26 +101,27 @@ pub trait Connector: Send + Sync {
 /// The client's side of a refusal: the server's own error (a missing database, a login
 /// it refused) as it sent it, else the proxy's error without internal detail.
 pub fn refusal(e: &PoolError) -> Refusal {
-    match e {
-        PoolError::Backend(BackendError::Server { code, message }) => {
+    let backend = match e {
+        PoolError::Backend(b) => b,
+        PoolError::Failed { error, .. } => error,
+        PoolError::NoPrimary { held_ms } => {
+            return Refusal::Proxy(ProxyError::NoPrimary { held_ms: *held_ms })
+        }
+        PoolError::ConnectFailed { .. } | PoolError::Timeout(_) => {
+            return Refusal::Proxy(ProxyError::NoBackend)
+        }
+    };
+    match backend {
+        BackendError::Server { code, message } => {
             Refusal::Server(wire::error_response("ERROR", code, message))
         }
-        PoolError::Backend(BackendError::Auth(_)) => {
-            Refusal::Proxy(ProxyError::BackendLoginRefused)
-        }
-        PoolError::Backend(BackendError::Tls(m)) if m.contains("certificate") => {
-            Refusal::Proxy(ProxyError::BackendCertificate)
-        }
-        PoolError::ConnectFailed {
-            server: Some((code, message)),
-            ..
-        } => Refusal::Server(wire::error_response("ERROR", code, message)),
-        PoolError::ConnectFailed { message, .. } if message.contains("certificate") => {
-            Refusal::Proxy(ProxyError::BackendCertificate)
-        }
-        PoolError::NoPrimary { held_ms } => {
-            Refusal::Proxy(ProxyError::NoPrimary { held_ms: *held_ms })
-        }
+        // The reason lets the operator fix the proxy's credentials or TLS settings.
+        BackendError::Auth(reason) => Refusal::Proxy(ProxyError::BackendLoginFailed {
+            reason: reason.clone(),
+        }),
+        BackendError::Tls(reason) => Refusal::Proxy(ProxyError::BackendTls {
+            reason: reason.clone(),
+        }),
         _ => Refusal::Proxy(ProxyError::NoBackend),
     }
 }
@@ -179,7 +180,6 @@ impl PoolConnector {
                 addr: Arc::from("(none)"),
                 message: Arc::from("no replica is available"),
                 unavailable: true,
-                server: None,
             });
         };
         let params = self.params(addr);
@@ -233,7 +233,6 @@ impl PoolConnector {
                     addr: Arc::from("(none)"),
                     message: Arc::from("no primary is known"),
                     unavailable: true,
-                    server: None,
                 },
             };
             let now = tokio::time::Instant::now();
@@ -465,10 +464,13 @@ mod tests {
 
     #[test]
     fn server_errors_pass_through_and_proxy_errors_hide_detail() {
-        let e = PoolError::Backend(BackendError::Server {
-            code: "3D000".into(),
-            message: "database \"nope\" does not exist".into(),
-        });
+        let e = PoolError::Failed {
+            addr: Arc::from("h:1"),
+            error: Arc::new(BackendError::Server {
+                code: "3D000".into(),
+                message: "database \"nope\" does not exist".into(),
+            }),
+        };
         match refusal(&e) {
             Refusal::Server(f) => assert_eq!(wire::error_fields(&f).1, "3D000"),
             other => panic!("{other:?}"),
@@ -477,13 +479,34 @@ mod tests {
             addr: Arc::from("10.1.2.3:5432"),
             message: Arc::from("connection refused"),
             unavailable: true,
-            server: None,
         };
         match refusal(&e) {
             Refusal::Proxy(p) => {
                 assert_eq!(p.sqlstate().as_str(), "08006");
                 assert!(!p.message().contains("10.1.2.3"));
             }
+            other => panic!("{other:?}"),
+        }
+        // The proxy's own credentials or TLS settings: the reason is the operator's key.
+        let tls = PoolError::Failed {
+            addr: Arc::from("h:1"),
+            error: Arc::new(BackendError::Tls(
+                "invalid peer certificate: UnknownIssuer".into(),
+            )),
+        };
+        match refusal(&tls) {
+            Refusal::Proxy(p) => {
+                assert_eq!(p.sqlstate().as_str(), "08006");
+                assert!(p.message().contains("certificate"), "{p}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match refusal(&PoolError::NoPrimary { held_ms: 5 }) {
+            Refusal::Proxy(p) => assert_eq!(p, ProxyError::NoPrimary { held_ms: 5 }),
+            other => panic!("{other:?}"),
+        }
+        match refusal(&PoolError::Timeout(Arc::from("h:1"))) {
+            Refusal::Proxy(p) => assert_eq!(p, ProxyError::NoBackend),
             other => panic!("{other:?}"),
         }
     }

@@ -29,6 +29,15 @@ pub struct ProxyConfig {
     pub max_message_size: usize,
     /// Largest startup packet accepted, in bytes. Default 10000.
     pub max_startup_packet: usize,
+    /// Time a client has from its TCP connect to the end of authentication (TLS and
+    /// startup packet included); then it is disconnected, with FATAL 57014 once it has
+    /// sent its startup packet (like PostgreSQL's `authentication_timeout`). Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub client_login_timeout: Duration,
+    /// Largest message accepted before authentication has succeeded (password, SASL),
+    /// in bytes; a longer one is refused with 08P01 as soon as its length is read.
+    /// Default 8192.
+    pub max_auth_message: usize,
     /// How long SIGTERM waits for running transactions before closing. Default `30s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_drain: Duration,
@@ -65,6 +74,8 @@ impl Default for ProxyConfig {
             max_clients: 1000,
             max_message_size: 1 << 30,
             max_startup_packet: 10_000,
+            client_login_timeout: Duration::from_secs(60),
+            max_auth_message: 8192,
             shutdown_drain: Duration::from_secs(30),
             worker_threads: 0,
             backends: BackendsConfig::default(),
@@ -450,6 +461,20 @@ impl ProxyConfig {
                 "must be at least 1024 bytes",
             ));
         }
+        if self.max_auth_message < 256 || self.max_auth_message > self.max_message_size {
+            return Err(ConfigError::invalid(
+                "max_auth_message",
+                "must be between 256 bytes and max_message_size",
+            ));
+        }
+        if self.client_login_timeout.is_zero()
+            || self.client_login_timeout > Duration::from_secs(600)
+        {
+            return Err(ConfigError::invalid(
+                "client_login_timeout",
+                "must be greater than 0 and at most 10m",
+            ));
+        }
         if self.pool.max_size == 0 {
             return Err(ConfigError::invalid("pool.max_size", "must be at least 1"));
         }
@@ -618,6 +643,30 @@ mod tests {
         bad_url.cache.redis = "localhost:6379".into();
         let err = bad_url.validate().unwrap_err().to_string();
         assert!(err.contains("cache.redis"), "{err}");
+    }
+
+    #[test]
+    fn login_limits_parse_with_defaults_and_bad_values_name_their_key() {
+        let c = ProxyConfig::default();
+        assert_eq!(c.client_login_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_auth_message, 8192);
+        let c: ProxyConfig = toml::from_str(
+            "auth = \"trust\"\nclient_login_timeout = \"1500ms\"\nmax_auth_message = 1024\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.client_login_timeout, Duration::from_millis(1500));
+        assert_eq!(c.max_auth_message, 1024);
+        for (extra, key) in [
+            ("client_login_timeout = \"0s\"", "client_login_timeout"),
+            ("client_login_timeout = \"11m\"", "client_login_timeout"),
+            ("max_auth_message = 10", "max_auth_message"),
+            ("max_auth_message = 2000000000", "max_auth_message"),
+        ] {
+            let c: ProxyConfig = toml::from_str(&format!("auth = \"trust\"\n{extra}\n")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]
