@@ -624,6 +624,9 @@ async fn pools_left_without_connections_are_reclaimed_after_the_idle_timeout() {
     }
     let mut cfg = trust_config(&cluster);
     cfg.pool.idle_timeout = Duration::from_secs(2);
+    // Pooled connections: a session-mode client of a static primary without replicas has
+    // a server connection of its own, outside the pools.
+    cfg.pool.mode = meridian_shared::config::PoolMode::Transaction;
     let proxy = Proxy::start(cfg).await;
     let users = |body: &str| {
         pool_series(body)

@@ -318,9 +318,11 @@ impl BackendConn {
                             _ => {}
                         }
                     }
-                    // The server's own refusal (28000, 28P01, 3D000, ...) keeps its code:
-                    // the session passes it on to the client as the server said it.
-                    return Err(BackendError::Server { code, message });
+                    return Err(if code.starts_with("28") {
+                        BackendError::Auth(message)
+                    } else {
+                        BackendError::Server { code, message }
+                    });
                 }
                 _ => {
                     return Err(BackendError::Protocol(
