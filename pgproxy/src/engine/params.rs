@@ -151,9 +151,15 @@ impl Params {
     }
 }
 
-/// A SQL string literal with `'` doubled.
+/// A SQL string literal of `v` that means `v` whatever `standard_conforming_strings`
+/// says: with a backslash in it, an escape string (`E'...'`, backslashes doubled), so a
+/// client value can never end the literal early in the proxy's own SET.
 pub fn quote_literal(v: &str) -> String {
-    format!("'{}'", v.replace('\'', "''"))
+    if v.contains('\\') {
+        format!("E'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", v.replace('\'', "''"))
+    }
 }
 
 #[cfg(test)]
@@ -205,6 +211,15 @@ mod tests {
         assert_eq!(
             Params::default().prelude(&mut dirty_default).as_deref(),
             Some(RESET_SQL)
+        );
+    }
+
+    #[test]
+    fn literals_hold_quotes_and_backslashes_whatever_the_server_setting() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(
+            quote_literal(r"a\'; DROP TABLE t; --"),
+            r"E'a\\''; DROP TABLE t; --'"
         );
     }
 
