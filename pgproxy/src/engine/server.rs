@@ -387,7 +387,12 @@ impl Engine {
     /// otherwise what was waiting on it fails and the session goes on elsewhere.
     pub fn on_backend_ended(&mut self, w: Which, fatal: Option<&Frame>) {
         self.events.push_back(Event::Discard(w));
+        // The server ends the connection over a protocol violation (the client's own
+        // doing, e.g. a Query during COPY): the client's connection ends with it.
+        let protocol_violation = fatal
+            .is_some_and(|f| be_msg::error_info(f).code == SqlState::ProtocolViolation.as_str());
         let unmovable = self.cfg.bound
+            || protocol_violation
             || self.logging_in
             || self.tx.backend() == Some(w)
             || (w == Which::Primary && self.pin.is_some())

@@ -610,3 +610,23 @@ fn an_unlogged_relation_created_through_the_proxy_is_read_on_the_primary() {
     }
     assert_eq!(learned, vec!["u1".to_owned()]);
 }
+
+#[test]
+fn a_fatal_protocol_violation_ends_even_a_virtual_session() {
+    let mut h = Harness::new(PoolMode::Transaction, false, false);
+    h.offer(&q("select 1"));
+    h.models[0].out.clear();
+    let fatal = wire::error_response(
+        "FATAL",
+        "08P01",
+        "terminating connection because protocol synchronization was lost",
+    );
+    h.engine
+        .on_backend(Which::Primary, &fatal, &mut h.states[0]);
+    h.pump_out();
+    assert!(
+        h.closed,
+        "the client did something the server ends connections for"
+    );
+    assert_eq!(h.client_frames(), vec![fatal]);
+}
