@@ -126,12 +126,14 @@ pub fn fence_verdict(
 }
 
 impl bb8::ManageConnection for Manager {
-    type Connection = BackendConn;
+    /// Boxed: bb8 moves a connection through checkout and return several times per
+    /// transaction, and a pointer moves for free where the struct is a few hundred bytes.
+    type Connection = Box<BackendConn>;
     type Error = BackendError;
 
-    async fn connect(&self) -> Result<BackendConn, BackendError> {
+    async fn connect(&self) -> Result<Box<BackendConn>, BackendError> {
         match self.connect_checked().await {
-            Ok(c) => Ok(c),
+            Ok(c) => Ok(Box::new(c)),
             Err(e) => {
                 // The waiting sessions get the error itself; bb8 gets a copy of
                 // what it needs (`BackendError` holds an `io::Error`, not `Clone`).
@@ -148,7 +150,7 @@ impl bb8::ManageConnection for Manager {
         }
     }
 
-    async fn is_valid(&self, conn: &mut BackendConn) -> Result<(), BackendError> {
+    async fn is_valid(&self, conn: &mut Box<BackendConn>) -> Result<(), BackendError> {
         // A pinned session's backend comes back with its session state: clean it
         // before the next client sees it (this also proves it alive).
         if conn.state.reset == Reset::Discard {
@@ -160,7 +162,7 @@ impl bb8::ManageConnection for Manager {
         conn.simple_query("SELECT 1").await.map(|_| ())
     }
 
-    fn has_broken(&self, conn: &mut BackendConn) -> bool {
+    fn has_broken(&self, conn: &mut Box<BackendConn>) -> bool {
         conn.broken || conn.state.tx_status != TxStatus::Idle
     }
 }

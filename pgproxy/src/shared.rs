@@ -29,6 +29,8 @@ pub struct Shared {
     replicas: ReplicaTable,
     classifier: Classifier,
     catalog: RwLock<Arc<FunctionCatalog>>,
+    /// Bumped whenever the catalog is replaced (sessions cache it until then).
+    catalog_generation: AtomicU64,
     cancel: CancelRegistry,
     metrics: Arc<Metrics>,
     backend_tls: Arc<BackendTls>,
@@ -72,6 +74,7 @@ impl Shared {
             replicas: p.replicas,
             classifier: p.classifier,
             catalog: RwLock::new(Arc::new(p.catalog)),
+            catalog_generation: AtomicU64::new(0),
             cancel: CancelRegistry::default(),
             metrics: p.metrics,
             backend_tls: p.backend_tls,
@@ -112,8 +115,19 @@ impl Shared {
             .clone()
     }
 
+    /// Changes whenever [`Shared::catalog`] does.
+    pub fn catalog_generation(&self) -> u64 {
+        self.catalog_generation.load(Ordering::Acquire)
+    }
+
+    /// A receiver of the configuration, to notice reloads.
+    pub fn config_rx(&self) -> watch::Receiver<Arc<ProxyConfig>> {
+        self.config.clone()
+    }
+
     pub fn set_catalog(&self, c: FunctionCatalog) {
         *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
+        self.catalog_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn cancel(&self) -> &CancelRegistry {

@@ -51,6 +51,8 @@ pub struct StatementInfo {
     /// ... SET UNLOGGED`, `SELECT ... INTO UNLOGGED`), by name (last part, folded): a hot
     /// standby cannot read them.
     pub creates_unlogged: Vec<String>,
+    /// A `COPY` (to or from the client): no message may be pipelined behind it.
+    pub copies: bool,
 }
 
 /// Coarse class of a statement.
@@ -164,6 +166,7 @@ impl StatementInfo {
             session: SessionEffect::default(),
             primary_state: false,
             creates_unlogged: Vec::new(),
+            copies: false,
         }
     }
 }
@@ -190,6 +193,11 @@ impl Analysis {
             .map(|s| s.tx)
             .find(|tx| *tx != TxEffect::None)
             .unwrap_or(TxEffect::None)
+    }
+
+    /// Some statement is a `COPY` (or might be: an unparsed text naming COPY).
+    pub fn may_copy(&self) -> bool {
+        self.statements.iter().any(|s| s.copies)
     }
 
     /// Some statement reads state only the primary has (see [`StatementInfo::primary_state`]).

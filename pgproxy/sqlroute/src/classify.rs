@@ -103,6 +103,7 @@ pub(crate) fn classify(stmt: &Statement) -> StatementInfo {
             info.read_only_candidate = true;
         }
         Statement::Copy { to, target, .. } => {
+            info.copies = true;
             let to_client = *to && matches!(target, CopyTarget::Stdout);
             let write = !to_client || c.locks || c.nested_write;
             info.kind = if write {

@@ -245,6 +245,9 @@ fn unparsed(words: &[String]) -> StatementInfo {
         _ => TxEffect::None,
     };
 
+    // Conservative: COPY anywhere as a word (it cannot hide in a DO block, but an
+    // unparsed text is not looked into further).
+    info.copies = has("COPY");
     let advisory = words.iter().any(|w| {
         SESSION_ADVISORY_LOCKS
             .iter()

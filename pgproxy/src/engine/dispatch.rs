@@ -56,7 +56,7 @@ impl Engine {
             self.fill = Some(Fill::new(plan));
         }
         match msg {
-            FrontendMsg::Query(text) => {
+            FrontendMsg::Query(_) => {
                 if let Some(a) = &route.analysis {
                     self.effects_at_dispatch(a, b);
                 }
@@ -74,7 +74,7 @@ impl Engine {
                 );
                 self.close_fill(w);
                 if commits {
-                    if ryw::may_copy_bytes(text) {
+                    if route.analysis.as_ref().is_none_or(|a| a.may_copy()) {
                         self.commit_pending = true;
                     } else {
                         self.queue_commit_lsn(w);
@@ -183,7 +183,7 @@ impl Engine {
                     self.effects_at_dispatch(a, b);
                     self.batch_commit |= self.commits(w, Some(a), env);
                 }
-                if stmt.as_ref().is_none_or(|s| ryw::may_copy_bytes(&s.query)) {
+                if stmt.as_ref().is_none_or(|s| s.analysis.may_copy()) {
                     self.batch_copy = true;
                 }
                 self.send(w, frame);

@@ -132,6 +132,8 @@ pub struct Pipeline {
     /// may be sent anywhere until that backend has answered everything, because an error
     /// in its part means the rest of the client's batch must be skipped.
     pub draining: bool,
+    /// How many answers of the proxy's own are queued (draining them is free when none).
+    synthetic: usize,
 }
 
 /// What pruning after an extended-protocol error removed (for the session's bookkeeping):
@@ -168,7 +170,9 @@ impl Pipeline {
 
     /// Records a message sent to backend `w`.
     pub fn expect(&mut self, w: Which, e: Expect) {
-        if !e.is_synthetic() {
+        if e.is_synthetic() {
+            self.synthetic += 1;
+        } else {
             self.active = Some(w);
         }
         self.queue.push_back(e);
@@ -177,6 +181,7 @@ impl Pipeline {
     /// Records an answer of the proxy's own, in order behind what is pending.
     pub fn synthetic(&mut self, e: Expect) {
         debug_assert!(e.is_synthetic());
+        self.synthetic += 1;
         self.queue.push_back(e);
     }
 
@@ -190,6 +195,9 @@ impl Pipeline {
 
     pub fn pop(&mut self) -> Option<Expect> {
         let e = self.queue.pop_front();
+        if e.as_ref().is_some_and(Expect::is_synthetic) {
+            self.synthetic -= 1;
+        }
         if self.queue.is_empty() {
             self.draining = false;
         }
@@ -198,8 +206,8 @@ impl Pipeline {
 
     /// Pops the synthetic items now at the head (to emit them).
     pub fn pop_synthetic(&mut self) -> Option<Expect> {
-        if self.queue.front().is_some_and(Expect::is_synthetic) {
-            self.queue.pop_front()
+        if self.synthetic > 0 && self.queue.front().is_some_and(Expect::is_synthetic) {
+            self.pop()
         } else {
             None
         }
@@ -220,7 +228,7 @@ impl Pipeline {
                 }
                 _ => {}
             }
-            match self.queue.pop_front() {
+            match self.pop() {
                 Some(Expect::Parse { client, server, .. }) => pruned.parses.push((client, server)),
                 Some(Expect::SyntheticParse { client }) => pruned.parses.push((Some(client), None)),
                 _ => {}
@@ -234,12 +242,14 @@ impl Pipeline {
     pub fn take_all(&mut self) -> Vec<Expect> {
         self.batch = None;
         self.draining = false;
+        self.synthetic = 0;
         self.queue.drain(..).collect()
     }
 
     /// During COPY IN the server ignores `Sync`: the client's Syncs already sent behind
     /// the COPY get no answer.
     pub fn drop_syncs_behind_head(&mut self) {
+        // (Syncs are never synthetic: the count stays right.)
         let head = self.queue.pop_front();
         self.queue.retain(|e| !matches!(e, Expect::Sync));
         if let Some(h) = head {

@@ -72,6 +72,8 @@ pub struct Statements {
     named: HashMap<Bytes, Arc<Stmt>>,
     unnamed: Option<Arc<Stmt>>,
     portals: HashMap<Bytes, Arc<Stmt>>,
+    /// The unnamed portal (the common case: no hashing).
+    unnamed_portal: Option<Arc<Stmt>>,
     /// Client names whose `Parse` the server has not answered yet (it may still fail),
     /// with the number of the batch (counted in Syncs) that carried it.
     in_flight: HashMap<Bytes, u64>,
@@ -106,7 +108,23 @@ impl Statements {
 
     /// The statement a portal runs.
     pub fn portal(&self, name: &[u8]) -> Option<Arc<Stmt>> {
-        self.portals.get(name).cloned()
+        if name.is_empty() {
+            self.unnamed_portal.clone()
+        } else {
+            self.portals.get(name).cloned()
+        }
+    }
+
+    fn set_portal(&mut self, name: &Bytes, stmt: Option<Arc<Stmt>>) {
+        match (name.is_empty(), stmt) {
+            (true, s) => self.unnamed_portal = s,
+            (false, Some(s)) => {
+                self.portals.insert(name.clone(), s);
+            }
+            (false, None) => {
+                self.portals.remove(name);
+            }
+        }
     }
 
     /// True if `name` is a statement the client prepared through the protocol.
@@ -211,7 +229,7 @@ impl Statements {
     /// A client's `Bind` going to backend `b`; remembers the portal.
     pub fn bind(&mut self, m: &Bind, frame: &Frame, b: &mut BackendState) -> Prepared {
         let Some(stmt) = self.lookup(&m.statement) else {
-            self.portals.remove(&m.portal);
+            self.set_portal(&m.portal, None);
             return Prepared {
                 inject: Vec::new(),
                 frame: frame.clone(),
@@ -225,7 +243,7 @@ impl Statements {
             frontend::bind_renamed(m, &stmt.server_name)
         };
         let server = Some(stmt.server_name.clone());
-        self.portals.insert(m.portal.clone(), stmt);
+        self.set_portal(&m.portal, Some(stmt));
         Prepared {
             inject,
             frame,
@@ -272,7 +290,11 @@ impl Statements {
 
     /// A client's `Close` of a portal.
     pub fn close_portal(&mut self, name: &[u8]) {
-        self.portals.remove(name);
+        if name.is_empty() {
+            self.unnamed_portal = None;
+        } else {
+            self.portals.remove(name);
+        }
     }
 
     /// SQL `DEALLOCATE name` of a protocol-level statement (virtual mode): forgotten
@@ -288,6 +310,7 @@ impl Statements {
         self.named.clear();
         self.unnamed = None;
         self.portals.clear();
+        self.unnamed_portal = None;
         if let Some(b) = b {
             let prepared = std::mem::take(&mut b.prepared);
             b.stale.extend(prepared);
@@ -320,7 +343,7 @@ impl Statements {
     /// A client's `Parse` must wait: its name, or the server-side statement it would
     /// share, is being created by a `Parse` of an earlier batch still unanswered.
     pub fn parse_must_wait(&self, p: &Parse) -> bool {
-        if self.transparent {
+        if self.transparent || (self.in_flight.is_empty() && self.server_in_flight.is_empty()) {
             return false;
         }
         let server = self.server_name(p, stmt_hash(&p.query, &p.param_types));
@@ -329,7 +352,7 @@ impl Statements {
 
     /// A client's `Bind`/`Describe` of statement `name` must wait, for the same reason.
     pub fn use_must_wait(&self, name: &[u8]) -> bool {
-        if self.transparent {
+        if self.transparent || (self.in_flight.is_empty() && self.server_in_flight.is_empty()) {
             return false;
         }
         self.in_flight_before(name)
@@ -381,7 +404,10 @@ impl Statements {
 
     /// The transaction ended: its portals are gone.
     pub fn end_of_transaction(&mut self) {
-        self.portals.clear();
+        if !self.portals.is_empty() {
+            self.portals.clear();
+        }
+        self.unnamed_portal = None;
     }
 }
 

@@ -92,7 +92,9 @@ where
         cache_max_entry: cfg.cache.max_entry_bytes,
     });
     engine.start_login(w, &mut conn.state, &login.startup_params);
+    let inputs = super::Inputs::new(&shared, replica);
     let mut session = Session {
+        inputs,
         shared,
         client,
         conns,

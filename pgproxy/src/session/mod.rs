@@ -21,8 +21,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use meridian_shared::config::PoolMode;
+use meridian_shared::config::{PoolMode, ProxyConfig};
+use meridian_sqlroute::FunctionCatalog;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tracing::debug;
 
 use self::backends::{Backends, Connector, Held};
@@ -39,6 +41,7 @@ use crate::metrics::TargetLabel;
 use crate::protocol::frontend::FrontendMsg;
 use crate::route::Which;
 use crate::shared::Shared;
+use crate::topology::TopologyRx;
 use crate::wire::{Frame, WireError};
 
 /// The client's output is written once it holds this much, even mid-result.
@@ -67,6 +70,48 @@ enum Input {
     Client(Result<Frame, ClientError>),
     Backend(Which, Result<Frame, BackendError>),
     Shutdown,
+}
+
+/// What routing reads from the proxy, kept by the session and refreshed only when it
+/// changed (a new function catalog, a topology or configuration change): reading it
+/// fresh for every message cost locks and reference counts on the hot path.
+pub struct Inputs {
+    catalog: Arc<FunctionCatalog>,
+    catalog_generation: u64,
+    replica_available: bool,
+    topology: TopologyRx,
+    config: watch::Receiver<Arc<ProxyConfig>>,
+}
+
+impl Inputs {
+    pub fn new(shared: &Shared, replica_available: bool) -> Inputs {
+        let mut topology = shared.topology().clone();
+        let mut config = shared.config_rx();
+        topology.mark_unchanged();
+        config.mark_unchanged();
+        Inputs {
+            catalog: shared.catalog(),
+            catalog_generation: shared.catalog_generation(),
+            replica_available,
+            topology,
+            config,
+        }
+    }
+
+    fn refresh<C: Connector>(&mut self, shared: &Shared, connector: &C) {
+        let generation = shared.catalog_generation();
+        if generation != self.catalog_generation {
+            self.catalog = shared.catalog();
+            self.catalog_generation = generation;
+        }
+        let topology = self.topology.has_changed().unwrap_or(false);
+        let config = self.config.has_changed().unwrap_or(false);
+        if topology || config {
+            self.topology.mark_unchanged();
+            self.config.mark_unchanged();
+            self.replica_available = connector.replica_available();
+        }
+    }
 }
 
 /// The client's cancel key: unregistered when the session ends.
@@ -101,6 +146,7 @@ pub struct Session<S, C> {
     /// The released execution's Bind starts a cache fill with this plan.
     fill_next: Option<Plan>,
     salt: u64,
+    inputs: Inputs,
     /// When the request being answered started (latency metric).
     started: Option<Instant>,
     closing: bool,
@@ -200,13 +246,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
         if self.shared.cache().is_some() && self.hold(&frame, &msg).await {
             return true;
         }
-        let shared = self.shared.clone();
-        let catalog = shared.catalog();
+        self.inputs.refresh(&self.shared, &self.conns.connector);
+        let shared = &self.shared;
         let env = Env {
             classifier: shared.classifier(),
-            catalog: &catalog,
-            replica_available: !self.engine.config().bound
-                && self.conns.connector.replica_available(),
+            catalog: &self.inputs.catalog,
+            replica_available: !self.engine.config().bound && self.inputs.replica_available,
             held: self.conns.held(),
             unlogged: &|n| shared.is_unlogged(n),
         };
@@ -354,8 +399,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
         }
         let w = route.target;
         let keep = self.engine.anchored_to() == Some(w) || self.engine.busy_on(w);
-        let shared = self.shared.clone();
-        let catalog = shared.catalog();
+        let shared = &self.shared;
         let held = self.conns.held();
         let conn = match self.conns.ensure(w, want_replica, keep).await {
             Ok(c) => c,
@@ -366,7 +410,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
         };
         let env = Env {
             classifier: shared.classifier(),
-            catalog: &catalog,
+            catalog: &self.inputs.catalog,
             replica_available: false,
             held: (held.0 || w == Which::Primary, held.1 || w == Which::Replica),
             unlogged: &|n| shared.is_unlogged(n),
