@@ -90,7 +90,23 @@ pub struct Metrics {
     pub cache_lookup_seconds: Histogram,
 }
 
+/// A session's handles on `queries{target="primary"|"replica"}`.
+pub struct QueryCounters {
+    pub primary: Counter,
+    pub replica: Counter,
+}
+
 impl Metrics {
+    /// The query counters of the primary and the replica, for a session to keep: a
+    /// label lookup per query hashes the label every time.
+    pub fn query_counters(&self) -> QueryCounters {
+        let get = |target| self.queries.get_or_create(&TargetLabel { target }).clone();
+        QueryCounters {
+            primary: get("primary"),
+            replica: get("replica"),
+        }
+    }
+
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("meridian_pgproxy");
         let clients = Gauge::default();

@@ -142,12 +142,34 @@ impl LocalStatements {
 /// Recognises a text the proxy answers itself. `is_client_statement` tells whether a
 /// `DEALLOCATE`d name is one of the client's protocol-level statements (virtual mode).
 pub fn recognise(text: &[u8], is_client_statement: impl Fn(&[u8]) -> bool) -> Option<LocalCmd> {
+    // Every query passes here: look at the first word before reading the whole text.
+    let verb = first_word(text);
+    if !LOCAL_VERBS.iter().any(|v| verb.eq_ignore_ascii_case(v)) {
+        return None;
+    }
     let sql = std::str::from_utf8(text).ok()?;
     if let Some(cmd) = ryw::parse_command(sql) {
         return Some(LocalCmd::Meridian(cmd));
     }
     let name = deallocate_name(sql)?;
     is_client_statement(name.as_bytes()).then(|| LocalCmd::Deallocate(Bytes::from(name)))
+}
+
+/// The first words of the statements [`recognise`] may answer.
+const LOCAL_VERBS: [&[u8]; 4] = [b"show", b"set", b"reset", b"deallocate"];
+
+/// The leading ASCII letters after leading whitespace.
+fn first_word(text: &[u8]) -> &[u8] {
+    let start = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(text.len());
+    let rest = &text[start..];
+    let len = rest
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(rest.len());
+    &rest[..len]
 }
 
 /// The name of `DEALLOCATE [PREPARE] name` (one statement; `ALL` is not a name).
@@ -194,6 +216,16 @@ mod tests {
             recognise(b"SHOW meridian.min_lsn", known),
             Some(LocalCmd::Meridian(Command::Show(Setting::MinLsn)))
         ));
+        assert!(matches!(
+            recognise(b"\n\t set  meridian.min_lsn = default ;", known),
+            Some(LocalCmd::Meridian(Command::Reset(Setting::MinLsn)))
+        ));
+        assert!(matches!(
+            recognise(b"reset meridian.min_lsn", known),
+            Some(LocalCmd::Meridian(Command::Reset(Setting::MinLsn)))
+        ));
+        assert_eq!(recognise(b"SELECT 'SHOW meridian.min_lsn'", known), None);
+        assert_eq!(recognise(b"SHOWX meridian.min_lsn", known), None);
     }
 
     #[test]

@@ -143,7 +143,12 @@ impl Statements {
         if !p.name.is_empty() && self.named.contains_key(&p.name) && !self.transparent {
             return ParsePlan::Duplicate(p.name.clone());
         }
-        let hash = stmt_hash(&p.query, &p.param_types);
+        // Transparent statements keep the client's names: no hash needed.
+        let hash = if self.transparent {
+            0
+        } else {
+            stmt_hash(&p.query, &p.param_types)
+        };
         let server_name = self.server_name(p, hash);
         let stmt = Arc::new(Stmt {
             query: p.query.clone(),
@@ -368,10 +373,11 @@ impl Statements {
 
     /// The server answered a `Parse` with `ParseComplete`.
     pub fn parse_done(&mut self, client: Option<&[u8]>, server: Option<&[u8]>) {
-        if let Some(c) = client {
+        // Unnamed statements are never tracked: nothing to look up (and hash).
+        if let Some(c) = client.filter(|c| !c.is_empty()) {
             self.in_flight.remove(c);
         }
-        if let Some(s) = server {
+        if let Some(s) = server.filter(|s| !s.is_empty()) {
             self.server_in_flight.remove(s);
         }
     }

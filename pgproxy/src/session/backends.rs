@@ -370,24 +370,33 @@ impl<C: Connector> Backends<C> {
         replica: Option<Arc<str>>,
         keep: bool,
     ) -> Result<&mut Held, Refusal> {
+        if !self.holds_usable(w, replica.as_ref(), keep) {
+            let c = self.connector.connect(w, replica).await?;
+            *self.slot(w) = Some(c);
+        }
+        self.get(w).ok_or(Refusal::Proxy(ProxyError::NoBackend))
+    }
+
+    /// True if a usable connection of kind `w` is held, after dropping one the
+    /// topology no longer backs (unless `keep`) or that is not the `replica` required.
+    /// The common case of [`Backends::ensure`], without building its future.
+    pub fn holds_usable(&mut self, w: Which, replica: Option<&Arc<str>>, keep: bool) -> bool {
         let stale = match self.get_ref(w) {
             Some(c) if !keep => {
-                let wrong_replica = replica.as_ref().is_some_and(|a| *a != c.addr);
+                let wrong_replica = replica.is_some_and(|a| *a != c.addr);
                 wrong_replica || !self.connector.still_current(w, c)
             }
-            _ => false,
+            Some(_) => false,
+            None => return false,
         };
         if stale {
             if let Some(mut c) = self.slot(w).take() {
                 debug!(backend = ?w, addr = %c.addr, "held backend no longer in the topology; replaced");
                 c.broken = !self.connector.still_current(w, &c);
             }
+            return false;
         }
-        if self.get(w).is_none() {
-            let c = self.connector.connect(w, replica).await?;
-            *self.slot(w) = Some(c);
-        }
-        self.get(w).ok_or(Refusal::Proxy(ProxyError::NoBackend))
+        true
     }
 
     /// Holds a primary connection of the session's own (see [`Connector::connect_dedicated`]).

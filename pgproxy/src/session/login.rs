@@ -95,6 +95,7 @@ where
     let inputs = super::Inputs::new(&shared, replica);
     let mut session = Session {
         inputs,
+        queries: shared.metrics().query_counters(),
         shared,
         client,
         conns,

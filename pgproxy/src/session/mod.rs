@@ -35,9 +35,9 @@ use crate::cache::Plan;
 use crate::cancel::{BackendKey, CancelSlot};
 use crate::client::{ClientConn, ClientError};
 use crate::engine::backend_state::Reset;
-use crate::engine::{Engine, Env, Event, Route, Step};
+use crate::engine::{Engine, Env, Event, Refusal, Route, Step};
 use crate::error::ProxyError;
-use crate::metrics::TargetLabel;
+use crate::metrics::QueryCounters;
 use crate::protocol::frontend::FrontendMsg;
 use crate::route::Which;
 use crate::shared::Shared;
@@ -147,6 +147,7 @@ pub struct Session<S, C> {
     fill_next: Option<Plan>,
     salt: u64,
     inputs: Inputs,
+    queries: QueryCounters,
     /// When the request being answered started (latency metric).
     started: Option<Instant>,
     closing: bool,
@@ -401,12 +402,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
         let keep = self.engine.anchored_to() == Some(w) || self.engine.busy_on(w);
         let shared = &self.shared;
         let held = self.conns.held();
-        let conn = match self.conns.ensure(w, want_replica, keep).await {
-            Ok(c) => c,
-            Err(refusal) => {
+        if !self.conns.holds_usable(w, want_replica.as_ref(), keep) {
+            if let Err(refusal) = self.conns.ensure(w, want_replica, keep).await {
                 self.engine.no_backend(&msg, refusal);
                 return;
             }
+        }
+        let Some(conn) = self.conns.get(w) else {
+            self.engine
+                .no_backend(&msg, Refusal::Proxy(ProxyError::NoBackend));
+            return;
         };
         let env = Env {
             classifier: shared.classifier(),
@@ -415,32 +420,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
             held: (held.0 || w == Which::Primary, held.1 || w == Which::Replica),
             unlogged: &|n| shared.is_unlogged(n),
         };
-        let key = (conn.addr.clone(), conn.state.pid, conn.secret);
+        if self.cancel_target != Some((w, conn.state.pid)) {
+            self.cancel_target = Some((w, conn.state.pid));
+            let key = BackendKey {
+                addr: conn.addr.clone(),
+                pid: conn.state.pid,
+                secret: conn.secret,
+            };
+            if let Ok(mut slot) = self.cancel.slot.lock() {
+                *slot = Some(key);
+            }
+        }
         self.engine
             .dispatch(&frame, &msg, &route, &mut conn.state, fill, &env);
         if route.analysis.is_some() {
-            let target = match w {
-                Which::Primary => "primary",
-                Which::Replica => "replica",
+            match w {
+                Which::Primary => self.queries.primary.inc(),
+                Which::Replica => self.queries.replica.inc(),
             };
-            shared
-                .metrics()
-                .queries
-                .get_or_create(&TargetLabel { target })
-                .inc();
         }
         self.started.get_or_insert_with(Instant::now);
-        self.set_cancel_target(w, key);
-    }
-
-    fn set_cancel_target(&mut self, w: Which, (addr, pid, secret): (Arc<str>, i32, i32)) {
-        if self.cancel_target == Some((w, pid)) {
-            return;
-        }
-        self.cancel_target = Some((w, pid));
-        if let Ok(mut slot) = self.cancel.slot.lock() {
-            *slot = Some(BackendKey { addr, pid, secret });
-        }
     }
 
     /// A message (or the end) from backend `w`, and whatever else it already sent.
