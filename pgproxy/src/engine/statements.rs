@@ -17,9 +17,10 @@
 //! Portals are remembered by name (with the statement they run) so that `Execute` knows
 //! what it executes; they end with their transaction, as on the server.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use meridian_sqlroute::Analysis;
@@ -83,11 +84,12 @@ pub struct Statements {
     batch: u64,
 }
 
+/// The hash behind a statement's server-side name. Backends are shared, so two texts
+/// with one hash would run each other's statement: the hash is keyed at random once
+/// per process, which leaves a client no way to compute a collision for another's text.
 fn stmt_hash(query: &[u8], types: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    query.hash(&mut h);
-    types.hash(&mut h);
-    h.finish()
+    static KEY: OnceLock<RandomState> = OnceLock::new();
+    KEY.get_or_init(RandomState::new).hash_one((query, types))
 }
 
 impl Statements {
