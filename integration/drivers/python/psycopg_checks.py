@@ -705,6 +705,35 @@ def session_cancel_running_query(ctx):
 
 
 @check("session_end")
+def session_cancel_watched_through_the_endpoint(ctx):
+    """tests/pq/test_pgconn.py::test_cancel_conn_blocking: another connection to the
+    same endpoint sees the running query in pg_stat_activity, then libpq >= 17's
+    cancel connection (PQcancelBlocking) stops it."""
+    from psycopg import pq
+
+    marker = f"watched_{RUN}"
+    pgconn = pq.PGconn.connect(ctx.dsn.encode())
+    ensure(pgconn.status == pq.ConnStatus.OK, "connected")
+    try:
+        pgconn.send_query_params(f"select pg_sleep($1) /* {marker} */".encode(), [b"30"])
+        monitor = ctx.connect(autocommit=True)
+        deadline_poll(10, "the sleep visible in pg_stat_activity through the endpoint", lambda: monitor.execute(
+            "select count(*) from pg_stat_activity where state = 'active' and query like %s"
+            " and pid <> pg_backend_pid()",
+            [f"%{marker}%"],
+        ).fetchone()[0] == 1)
+        cancel = pgconn.cancel_conn()
+        cancel.blocking()
+        ensure(cancel.status == pq.ConnStatus.OK, f"cancel status {cancel.status}")
+        res = pgconn.get_result()
+        ensure(res is not None, "a result")
+        code = res.error_field(pq.DiagnosticField.SQLSTATE)
+        ensure(code == b"57014", f"SQLSTATE {code}")
+    finally:
+        pgconn.finish()
+
+
+@check("session_end")
 def session_ctrl_c(ctx):
     """tests/test_concurrency.py::test_ctrl_c: SIGINT to a client in pg_sleep."""
     marker = f"ctrl_c_{RUN}"
@@ -755,6 +784,21 @@ def tsa_read_write_can_write(ctx):
     conn.execute(f"create table {t} (x int)")
     conn.execute(f"insert into {t} values (1)")
     conn.execute(f"drop table {t}")
+
+
+@check("target_session_attrs")
+def tsa_read_only_setting_in_autocommit(ctx):
+    """tests/test_connection.py::test_set_transaction_param_implicit[read_only-True]:
+    the setting read with its name as a parameter, and as a literal."""
+    conn = ctx.connect(autocommit=True)
+    cur = conn.execute(
+        "select current_setting(%s), current_setting(%s)",
+        ["transaction_read_only", "default_transaction_read_only"],
+    )
+    got = cur.fetchone()
+    ensure(got == ("off", "off"), f"read-only settings {got}")
+    (lit,) = conn.execute("select current_setting('transaction_read_only')").fetchone()
+    ensure(lit == "off", f"transaction_read_only {lit}")
 
 
 @check("two_phase")

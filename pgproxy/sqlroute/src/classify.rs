@@ -26,12 +26,13 @@ pub(crate) const SESSION_ADVISORY_LOCKS: &[&str] = &[
 ];
 
 /// System views whose content differs on a hot standby or is the primary's alone: a
-/// replica has no prepared transactions, its own locks and activity, no replication
-/// slots or senders of the primary's. Reads of them go to the primary.
+/// replica has no prepared transactions, its own locks, no replication slots or senders
+/// of the primary's. Reads of them go to the primary. `pg_stat_activity` is not among
+/// them: it is read where reads run, so a client sees its own reads running there
+/// (libpq's cancel tests watch for their `pg_sleep` that way).
 pub const PRIMARY_STATE_VIEWS: &[&str] = &[
     "pg_prepared_xacts",
     "pg_locks",
-    "pg_stat_activity",
     "pg_stat_replication",
     "pg_replication_slots",
     "pg_stat_replication_slots",
@@ -234,6 +235,7 @@ pub(crate) fn classify(stmt: &Statement) -> StatementInfo {
     info.session.set.extend(c.session_sets);
     info.creates_unlogged.extend(c.unlogged_into);
     c.tables.retain(|t| !c.cte_names.contains(t));
+    info.primary_state |= c.primary_state;
     info.primary_state |= c.tables.iter().any(|t| {
         let (schema, name) = t.rsplit_once('.').unwrap_or(("pg_catalog", t));
         schema == "pg_catalog" && PRIMARY_STATE_VIEWS.contains(&name)
@@ -241,6 +243,21 @@ pub(crate) fn classify(stmt: &Statement) -> StatementInfo {
     info.tables = c.tables;
     info.functions = c.functions;
     info
+}
+
+/// The first argument may name one of [`PRIMARY_STATE_SETTINGS`]: it is such a literal,
+/// or not a literal at all.
+fn names_primary_state_setting(args: &FunctionArguments) -> bool {
+    let FunctionArguments::List(list) = args else {
+        return true;
+    };
+    match list.args.first().map(literal_arg) {
+        Some(Some(Value::SingleQuotedString(name))) => {
+            PRIMARY_STATE_SETTINGS.contains(&name.to_ascii_lowercase().as_str())
+        }
+        Some(Some(Value::Placeholder(_)) | None) => true,
+        Some(Some(_)) | None => false,
+    }
 }
 
 /// `pg_temp.x` or `pg_temp_N.x`: the session's own temporary schema.
@@ -474,6 +491,10 @@ struct Collector {
     session_sets: Vec<(String, String)>,
     /// `set_config` with arguments the classifier cannot evaluate.
     opaque_session: bool,
+    /// `current_setting` of one of [`PRIMARY_STATE_SETTINGS`], or of a name that is not
+    /// a literal (a parameter: it could be one of them). `pg_is_in_recovery()` stays a
+    /// read: it is how a client sees where its reads run.
+    primary_state: bool,
 }
 
 impl Collector {
@@ -596,6 +617,7 @@ impl Visitor for Collector {
             if name == "set_config" {
                 self.set_config(&f.args);
             }
+            self.primary_state |= name == "current_setting" && names_primary_state_setting(&f.args);
             self.function(name);
         }
         ControlFlow::Continue(())

@@ -167,15 +167,19 @@ pub fn fingerprint(sql: &str) -> Option<Fingerprint> {
 /// Whether an analysis computed for one text holds for every text with the same fingerprint:
 /// it parsed, and nothing in it was derived from a literal's value. Literal values reach an
 /// analysis only through session and transaction control (`SET x = 'v'`, `set_config('x', 'v',
-/// false)`, `BEGIN`/`SET TRANSACTION`, all utility statements or effects excluded here) and
-/// `EXPLAIN` options (excluded by [`fingerprint`]).
+/// false)`, `BEGIN`/`SET TRANSACTION`, all utility statements or effects excluded here),
+/// `current_setting('name')` (a few names make a read the primary's) and `EXPLAIN`
+/// options (excluded by [`fingerprint`]).
 pub fn reusable(analysis: &Analysis) -> bool {
     analysis.parsed
         && analysis.statements.iter().all(|s| {
             matches!(s.kind, StatementKind::Read | StatementKind::Write)
                 && s.tx == TxEffect::None
                 && s.session == SessionEffect::default()
-                && !s.functions.iter().any(|f| f == "set_config")
+                && !s
+                    .functions
+                    .iter()
+                    .any(|f| f == "set_config" || f == "current_setting")
         })
 }
 

@@ -750,11 +750,17 @@ fn temp_schema_deallocate_primary_state_and_unlogged() {
     for (sql, primary) in [
         ("SELECT * FROM pg_prepared_xacts", true),
         ("SELECT count(*) FROM pg_catalog.pg_locks", true),
-        ("SELECT * FROM pg_stat_activity WHERE pid = 1", true),
+        ("SELECT * FROM pg_stat_activity WHERE pid = 1", false),
         ("SHOW transaction_read_only", true),
         ("SHOW TRANSACTION_READ_ONLY", true),
         ("SHOW search_path", false),
         ("SELECT * FROM myschema.pg_locks", false),
+        ("SELECT pg_is_in_recovery()", false),
+        ("SELECT current_setting('transaction_read_only')", true),
+        ("SELECT current_setting('IN_HOT_STANDBY', true)", true),
+        ("SELECT current_setting('app.tenant')", false),
+        ("SELECT current_setting($1)", true),
+        ("SELECT current_setting($1), current_setting($2)", true),
         ("SELECT 1", false),
     ] {
         let a = analyze_uncached(sql);
@@ -763,6 +769,15 @@ fn temp_schema_deallocate_primary_state_and_unlogged() {
             assert!(!a.is_read(&catalog), "{sql}");
         }
     }
+
+    // The setting's name is a literal: texts differing only in it share no analysis.
+    let classifier = Classifier::new(16);
+    assert!(!classifier
+        .analyze("SELECT current_setting('app.tenant')")
+        .needs_primary());
+    assert!(classifier
+        .analyze("SELECT current_setting('transaction_read_only')")
+        .needs_primary());
 
     let unlogged = |sql: &str| analyze_uncached(sql).statements[0].creates_unlogged.clone();
     assert_eq!(unlogged("CREATE UNLOGGED TABLE u1 (x int)"), vec!["u1"]);
