@@ -784,3 +784,98 @@ async fn startup_parameters_and_options_apply_as_postgresql_applies_them() {
         }
     }
 }
+
+/// `VmRSS` of process `pid`, in bytes.
+fn resident(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// After a 100 MB query and a 100 MB result, neither the session nor the pooled backend
+/// connection that carried them keeps that memory (they used to keep ~100 MB each for
+/// as long as they were reused). The backend is reused afterwards, so its buffers were
+/// shrunk, not dropped with it. The proxy runs as its own process here, so that its
+/// resident memory is its own (the client's buffers are this process's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_query_and_result_leave_no_memory_behind() {
+    const SIZE: usize = 100 << 20;
+    let cluster = PgCluster::builder().replicas(0).start().await.unwrap();
+    let direct = cluster.primary().client().await.unwrap();
+    let port = meridian_integration::free_port().unwrap();
+    let bin = meridian_launcher::binaries::Binaries::locate()
+        .expect("cargo build --workspace --bins")
+        .pgproxy;
+    let primary = format!("127.0.0.1:{}", cluster.primary().port());
+    let child = tokio::process::Command::new(bin)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            "",
+        ])
+        .args(["--primary", &primary, "--auth", "trust"])
+        .args(["--pool-mode", "transaction", "--pool-size", "1"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let proxy_pid = child.id().unwrap();
+    let dsn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let c = eventually(Duration::from_secs(20), "the proxy accepting", || async {
+        let (c, conn) = tokio_postgres::connect(&dsn, NoTls).await?;
+        tokio::spawn(conn);
+        Ok(c)
+    })
+    .await
+    .unwrap();
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let before = resident(proxy_pid);
+
+    let row = c
+        .query_one("SELECT repeat('x', $1)", &[&(SIZE as i32)])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0).len(), SIZE);
+    drop(row);
+    let text = format!("SELECT length('{}')", "y".repeat(SIZE));
+    let answer = c.simple_query(&text).await.unwrap();
+    drop(text);
+    let length = answer.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(length, Some(SIZE.to_string()));
+    drop(answer);
+
+    // The same backend (a pool of one) serves the next statement.
+    let again: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(again, pid);
+    let alive: i64 = direct
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(alive, 1, "the pooled backend is still there");
+    let after = resident(proxy_pid);
+    assert!(
+        after < before + 32 * (1 << 20),
+        "the proxy's resident memory grew by {} MiB after 100 MB each way",
+        after.saturating_sub(before) >> 20
+    );
+}

@@ -414,6 +414,21 @@ mod tests {
     }
 
     #[test]
+    fn a_grown_buffer_is_shrunk_once_it_holds_little_keeping_its_bytes() {
+        let mut buf = BytesMut::with_capacity(8 * SHRINK_ABOVE);
+        buf.extend_from_slice(&[7u8; 1000]);
+        shrink_after_large(&mut buf, 8192);
+        assert!(buf.capacity() < SHRINK_ABOVE, "{}", buf.capacity());
+        assert_eq!(&buf[..], &[7u8; 1000][..]);
+        // Still full of data: kept as it is.
+        let mut full = BytesMut::with_capacity(8 * SHRINK_ABOVE);
+        full.extend_from_slice(&vec![1u8; SHRINK_ABOVE]);
+        shrink_after_large(&mut full, 8192);
+        assert!(full.capacity() >= SHRINK_ABOVE);
+        assert_eq!(full.len(), SHRINK_ABOVE);
+    }
+
+    #[test]
     fn oversized_and_negative_lengths_are_errors() {
         let mut buf = BytesMut::from(&[b'Q', 0x7f, 0xff, 0xff, 0xff][..]);
         assert!(matches!(
