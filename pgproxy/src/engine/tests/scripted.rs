@@ -447,6 +447,59 @@ fn copy_out_passes_through() {
 }
 
 #[test]
+fn copy_out_ended_by_an_error_and_copy_in_refused_mid_copy() {
+    // COPY OUT cut short by the server (a query error after some rows).
+    let mut h = Harness::new(PoolMode::Session, false, false);
+    h.offer(&q(
+        "copy (select 1/(2-g) from generate_series(1,3) g) to stdout",
+    ));
+    h.models[0].out.clear();
+    for f in [
+        Frame::new(b'H', &[0, 0, 0]),
+        Frame::new(b'd', b"1\n"),
+        wire::error_response("ERROR", "22012", "division by zero"),
+        wire::ready_for_query(b'I'),
+    ] {
+        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
+    }
+    h.pump_out();
+    assert_eq!(tags(&h.client_frames()), "HdEZ");
+    assert!(h.engine.is_idle());
+
+    // COPY IN refused by the server mid-copy (bad data): it sends its error and, for a
+    // simple Query, ReadyForQuery at once, and drops whatever copy messages the client
+    // still sends. So does the engine: they reach no backend (in transaction pooling
+    // the backend may already serve another client).
+    let mut h = Harness::new(PoolMode::Transaction, false, false);
+    h.offer(&q("copy t from stdin"));
+    h.models[0].out.clear();
+    for f in [
+        Frame::new(b'G', &[0, 0, 0]),
+        wire::error_response("ERROR", "22P02", "invalid input syntax for type integer"),
+        wire::ready_for_query(b'I'),
+    ] {
+        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
+    }
+    h.pump_out();
+    assert_eq!(tags(&h.client_frames()), "GEZ");
+    assert!(h.engine.is_idle());
+    h.engine.out.backend(Which::Primary).clear();
+    for f in [Frame::new(b'd', b"x\n"), Frame::new(b'c', &[])] {
+        let msg = FrontendMsg::decode(&f);
+        let env = Env {
+            classifier: &h.classifier,
+            catalog: &h.catalog,
+            replica_available: false,
+            held: (true, false),
+            unlogged: &|_| false,
+        };
+        assert!(matches!(h.engine.on_client(&f, &msg, &env), Step::Done));
+    }
+    assert!(h.engine.out.backend(Which::Primary).is_empty());
+    assert!(h.engine.is_idle());
+}
+
+#[test]
 fn notifications_from_the_own_backend_carry_the_clients_pid() {
     let mut h = Harness::new(PoolMode::Session, false, false);
     h.run(&[q("select 1")], &[0]);
