@@ -31,6 +31,9 @@ fi
 export COMPOSE
 compose() { $COMPOSE -f "$DEPLOY/docker-compose.yml" "$@"; }
 log() { echo "smoke-test: $*" >&2; }
+# Why it failed, repeated after the logs on exit: CI keeps only the ends of the output.
+REASON=""
+why() { REASON="$*"; log "$*"; }
 
 # Host ports for the proxies: free ones unless given.
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -52,6 +55,7 @@ cleanup() {
     log "failed (status $rc); service states and recent logs:"
     compose ps >&2 || true
     compose logs --no-color --tail 40 >&2 2>&1 || true
+    log "failed: ${REASON:-status $rc}"
   fi
   if [ "$KEEP" = 1 ]; then
     log "--keep: leaving project $COMPOSE_PROJECT_NAME running (down with: $COMPOSE -f $DEPLOY/docker-compose.yml down -v)"
@@ -63,12 +67,12 @@ cleanup() {
 }
 
 if [ "$BUILD" = 1 ]; then
-  "$DEPLOY/build-images.sh" --profile "$PROFILE" || { log "image build failed"; exit 1; }
+  "$DEPLOY/build-images.sh" --profile "$PROFILE" || { why "image build failed"; exit 1; }
 fi
 trap cleanup EXIT
 
 log "up -d (project $COMPOSE_PROJECT_NAME, proxies on host ports $MERIDIAN_PORT_US_EAST/$MERIDIAN_PORT_US_WEST/$MERIDIAN_PORT_EU_WEST)"
-compose up -d || { log "compose up failed"; exit 1; }
+compose up -d || { why "compose up failed"; exit 1; }
 
 # Health: certs exited 0; every service with a healthcheck healthy; the rest running;
 # and every load generator printing lines with commits.
@@ -94,8 +98,14 @@ DEADLINE=$(( $(date +%s) + ${SMOKE_UP_TIMEOUT:-240} ))
 while true; do
   pending="$(not_ready)"
   [ -z "$pending" ] && break
-  if [ "$(date +%s)" -ge "$DEADLINE" ]; then log "not healthy within ${SMOKE_UP_TIMEOUT:-240} s:$pending"; exit 1; fi
+  if [ "$(date +%s)" -ge "$DEADLINE" ]; then why "not healthy within ${SMOKE_UP_TIMEOUT:-240} s:$pending"; exit 1; fi
   sleep 2
 done
 log "all services healthy; running demo-scenario.sh"
-"$DEPLOY/demo-scenario.sh"
+SCENARIO_OUT="$(mktemp)"
+"$DEPLOY/demo-scenario.sh" 2>&1 | tee "$SCENARIO_OUT"
+rc=${PIPESTATUS[0]}
+[ "$rc" = 0 ] || why "demo-scenario.sh status $rc; its last lines:
+$(grep -v '^  |' "$SCENARIO_OUT" | tail -12)"
+rm -f "$SCENARIO_OUT"
+exit "$rc"

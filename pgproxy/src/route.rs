@@ -202,8 +202,13 @@ mod tests {
             Which::Primary
         );
         assert_eq!(
-            go("SELECT count(*) FROM pg_catalog.pg_stat_activity", view()),
+            go("SELECT count(*) FROM pg_catalog.pg_locks", view()),
             Which::Primary
+        );
+        // Activity is read where reads run: a client finds its own read query there.
+        assert_eq!(
+            go("SELECT count(*) FROM pg_catalog.pg_stat_activity", view()),
+            Which::Replica
         );
         assert_eq!(go("SHOW transaction_read_only", view()), Which::Primary);
         assert_eq!(go("SHOW search_path", view()), Which::Replica);
