@@ -16,8 +16,16 @@ fn main() {
     let started = Instant::now();
     let (mut events, mut closed) = (0u64, 0u64);
     for seed in first..first + inputs {
-        let out = meridian_pgproxy::fuzz::run_one(seed, steps);
-        meridian_pgproxy::fuzz::decode_one(seed);
+        // A panic anywhere (not only a broken invariant) names the seed to replay.
+        let out = std::panic::catch_unwind(|| {
+            let out = meridian_pgproxy::fuzz::run_one(seed, steps);
+            meridian_pgproxy::fuzz::decode_one(seed);
+            out
+        })
+        .unwrap_or_else(|_| {
+            eprintln!("fuzz_session: panic at seed {seed}; replay: fuzz_session 1 {seed} {steps}");
+            std::process::exit(101)
+        });
         events += out.events as u64;
         closed += u64::from(out.closed);
         let done = seed - first + 1;

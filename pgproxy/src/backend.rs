@@ -536,9 +536,11 @@ pub fn decode_text_row(f: &Frame) -> Result<Vec<Option<String>>, BackendError> {
     if body.len() < 2 {
         return Err(bad());
     }
-    let n = i16::from_be_bytes([body[0], body[1]]) as usize;
+    // The count is an Int16 the server never sends negative; read unsigned, and reserve
+    // no more than the body can hold (a column takes at least its 4 length bytes).
+    let n = usize::from(u16::from_be_bytes([body[0], body[1]]));
     let mut pos = 2;
-    let mut out = Vec::with_capacity(n);
+    let mut out = Vec::with_capacity(n.min(body.len() / 4));
     for _ in 0..n {
         let len_bytes = body.get(pos..pos + 4).ok_or_else(bad)?;
         let len = i32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
@@ -582,4 +584,24 @@ pub async fn send_cancel(addr: &str, pid: i32, secret: i32) -> std::io::Result<(
     let mut sink = [0u8; 1];
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_rows_decode_and_bad_counts_are_errors_not_panics() {
+        let mut body = vec![0, 2];
+        body.extend_from_slice(&2i32.to_be_bytes());
+        body.extend_from_slice(b"42");
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        let row = decode_text_row(&Frame::new(b'D', &body)).unwrap();
+        assert_eq!(row, vec![Some("42".to_string()), None]);
+        // A negative count (found by the fuzz target: it overflowed the capacity) and
+        // a count larger than the body.
+        for body in [vec![0xff, 0xfe], vec![0x7f, 0xff, 0, 0, 0, 1]] {
+            assert!(decode_text_row(&Frame::new(b'D', &body)).is_err());
+        }
+    }
 }
