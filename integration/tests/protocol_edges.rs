@@ -4,7 +4,8 @@
 //! Describe/Close kinds, parameter counts out of range, a Query during COPY, a duplicate
 //! statement name) to PostgreSQL 15 directly and through the proxy — bound (session
 //! pooling, one primary) and virtual (transaction pooling) — and the answers must be the
-//! same messages with the same SQLSTATEs, the session going on afterwards. Then what
+//! same messages with the same SQLSTATEs, the session going on afterwards (or, after a
+//! Terminate behind a running statement, ending once it has answered). Then what
 //! must not leak from one client to the next on a shared backend (a role), the
 //! startup parameters the server refuses, and the debug log after failing logins.
 
@@ -298,6 +299,52 @@ async fn startup_parameters_the_server_refuses_end_the_login_with_its_error() {
             }
             assert_eq!(value.as_deref(), Some(canonical), "port {port}: {asked}");
         }
+    }
+}
+
+/// A Terminate sent right behind a statement, as libpq's `PQfinish` does while a query
+/// runs: PostgreSQL reads it only once the statement has ended, so the statement runs,
+/// its answers arrive and only then the connection closes. A client that closes its own
+/// socket meanwhile (psycopg's `test_socket_closed`, from another thread) must see that,
+/// not a close by the proxy. The same through the proxy, bound and virtual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminate_behind_a_running_statement_is_read_after_it_as_postgresql_does() {
+    let cluster = PgCluster::builder().replicas(0).start().await.unwrap();
+    let bound = Proxy::start(config(&cluster, PoolMode::Session)).await;
+    let virt = Proxy::start(config(&cluster, PoolMode::Transaction)).await;
+    let c = cluster.primary().client().await.unwrap();
+    c.batch_execute("CREATE TABLE terminated_after (port int)")
+        .await
+        .unwrap();
+    for port in [cluster.primary().port(), bound.port, virt.port] {
+        let mut w = Wire::login(port, &[]).await.expect("login");
+        let started = std::time::Instant::now();
+        let sql = format!("SELECT pg_sleep(0.5); INSERT INTO terminated_after VALUES ({port})");
+        w.send(&[frontend::query(sql.as_bytes()), Frame::new(b'X', b"")])
+            .await;
+        let mut got = Vec::new();
+        while let Some(f) = w.frame().await {
+            got.push(seen(&f));
+        }
+        let open_for = started.elapsed();
+        assert_eq!(
+            got,
+            vec![m('T'), m('D'), m('C'), m('C'), m('Z')],
+            "port {port}: the statement's answers, then the end"
+        );
+        assert!(
+            open_for >= Duration::from_millis(450),
+            "port {port}: closed after {open_for:?}, before the statement ended"
+        );
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM terminated_after WHERE port = $1",
+                &[&i32::from(port)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "port {port}: the statement ran to its end");
     }
 }
 

@@ -158,6 +158,11 @@ impl Engine {
         !self.events.is_empty()
     }
 
+    /// The client is sending COPY data.
+    pub fn in_copy(&self) -> bool {
+        self.copy_in.is_some()
+    }
+
     /// Extended messages were sent since the client's last Sync.
     pub fn batch_open(&self) -> bool {
         self.pipe.batch.is_some()

@@ -169,7 +169,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
         loop {
             if let Some(f) = self.next_ready()? {
                 if !self.handle_client(f).await {
-                    return Ok(());
+                    return self.run_out(shutdown).await;
                 }
                 self.after_engine().await?;
                 continue;
@@ -204,7 +204,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
             match input {
                 Input::Client(Ok(f)) => {
                     if !self.handle_client(f).await {
-                        return Ok(());
+                        return self.run_out(shutdown).await;
                     }
                 }
                 Input::Client(Err(ClientError::Closed)) => return Ok(()),
@@ -223,6 +223,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
                 Input::Shutdown => {}
             }
             self.after_engine().await?;
+        }
+    }
+
+    /// After the client's Terminate: what it sent before runs to its end and the answers
+    /// go out before its connection is closed, as PostgreSQL reads a Terminate only
+    /// between statements (a client that closes its own socket meanwhile sees that, not
+    /// a close by the server; psycopg's `test_socket_closed`). Not inside COPY or an open
+    /// batch, whose answers wait for more from the client; a shutdown, a backend that
+    /// ends or a client that is gone stops it.
+    async fn run_out(
+        &mut self,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
+        loop {
+            self.after_engine().await?;
+            if self.write_out().await.is_err() {
+                return Ok(());
+            }
+            let Some(w) = self.engine.is_waiting_on() else {
+                return Ok(());
+            };
+            if self.closing
+                || *shutdown.borrow()
+                || self.engine.batch_open()
+                || self.engine.in_copy()
+            {
+                return Ok(());
+            }
+            let (primary, replica) = self.conns.both();
+            let conn = match w {
+                Which::Primary => primary,
+                Which::Replica => replica,
+            };
+            if conn.is_none() {
+                return Ok(());
+            }
+            let r = tokio::select! {
+                r = read_backend(conn) => r,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            self.on_backend(w, r).await;
         }
     }
 
