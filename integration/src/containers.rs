@@ -2,7 +2,7 @@
 //! three-region cluster from the images `deploy/build-images.sh` builds locally.
 //!
 //! - [`docker_unreachable`]: why no Docker engine can be used (the tests then
-//!   print a SKIPPED line), or `None`.
+//!   fail saying so), or `None`.
 //! - [`missing_images`] / [`require_images`]: the `meridian/*` images must exist
 //!   locally; a missing one is an error telling to run `deploy/build-images.sh`
 //!   (the tests never pull).
@@ -99,7 +99,7 @@ fn cli_result(args: &[&str], ok: bool, stdout: &[u8], stderr: &[u8]) -> anyhow::
 }
 
 /// `None` when a Docker engine answers `docker info`; else the reason (no CLI,
-/// no socket, daemon down), for the tests' SKIPPED line.
+/// no socket, daemon down), for the tests' failure message.
 pub fn docker_unreachable() -> Option<String> {
     match docker_sync(
         &["info", "--format", "{{.ServerVersion}}"],

@@ -13,9 +13,9 @@
 //! - `partitioned_primary_is_fenced`: `docker network disconnect` of the
 //!   primary: its Postgres stops accepting writes, a new primary is elected.
 //!
-//! Without a reachable Docker engine each test prints a SKIPPED line and
-//! returns; with an engine but without the images it fails, saying how to
-//! build them (nothing is ever pulled). Every container and the network are
+//! Without a reachable Docker engine, or without the images, each test fails,
+//! saying why and how to build them (nothing is ever pulled);
+//! `integration/run-tests.sh` leaves this binary out where Docker is missing. Every container and the network are
 //! removed at the end, also when a test fails.
 
 use std::os::unix::fs::PermissionsExt;
@@ -59,18 +59,21 @@ fn pg_port(region: &str) -> u16 {
         .expect("known region")
 }
 
-/// `None` (after printing SKIPPED) without a Docker engine; panics when the
-/// images are missing; else the image tag.
-fn preflight(test: &str) -> Option<String> {
+/// The image tag; panics without a Docker engine or without the images. A test that
+/// cannot run fails rather than passes: `integration/run-tests.sh` leaves this binary
+/// out, and says so, where no engine is reachable.
+fn preflight(test: &str) -> String {
     if let Some(reason) = docker_unreachable() {
-        eprintln!("SKIPPED: no Docker engine reachable ({reason}); containers::{test} did not run");
-        return None;
+        panic!(
+            "no Docker engine reachable ({reason}): containers::{test} needs one \
+             (integration/run-tests.sh leaves these tests out where Docker is missing)"
+        );
     }
     let tag = image_tag();
     if let Err(e) = require_images(&tag) {
         panic!("{e:#}");
     }
-    Some(tag)
+    tag
 }
 
 struct Cluster {
@@ -431,7 +434,7 @@ where
         StatusView,
     ) -> futures::future::LocalBoxFuture<'a, anyhow::Result<()>>,
 {
-    let Some(tag) = preflight(test) else { return };
+    let tag = preflight(test);
     let id = new_run_id(test);
     // Declared first: dropped last, after testcontainers removed its containers.
     let _guard = RunGuard::new(&id);
