@@ -608,7 +608,12 @@ async fn psycopg_client_encodings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_server_side_session_ends() {
-    check_group(Driver::Psycopg, "session_end", &[Target::Session]).await;
+    check_group(
+        Driver::Psycopg,
+        "session_end",
+        &[Target::Session, Target::Transaction],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
