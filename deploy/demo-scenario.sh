@@ -283,8 +283,13 @@ ok "cache hits in eu-west: $(proxy_metric eu-west "$HITS")"
 upsert "$TOKEN-v2" || fail "second upsert failed"
 new_value_in_eu() { [ "$(lg_query eu-west "$CACHED_Q" 2>/dev/null)" = "$TOKEN-v2" ]; }
 expect "the update's invalidation reaches eu-west's Redis: the cached query returns '$TOKEN-v2'"
+# On failure, say where the old value came from: the cache (hits counted) or the replica.
+eu_replica_value() {
+  docker exec "$(cid node-eu-west)" psql -h 127.0.0.1 -p "${PG_PORT[eu-west]}" -U postgres \
+    -d postgres -Atc "SELECT v FROM demo_cache WHERE k = 1" 2>&1
+}
 wait_until 15 "eu-west reads '$TOKEN-v2'" new_value_in_eu \
-  || fail "eu-west still reads $(lg_query eu-west "$CACHED_Q" 2>/dev/null)"
+  || fail "eu-west still reads $(lg_query eu-west "$CACHED_Q" 2>/dev/null) (eu-west's replica itself has: $(eu_replica_value); cache hits $(proxy_metric eu-west "$HITS"), stale lookups $(proxy_metric eu-west 'cache_lookups_total{outcome="stale"}'))"
 ok "invalidated; eu-west stale lookups so far: $(proxy_metric eu-west 'cache_lookups_total{outcome="stale"}')"
 
 # ---------------------------------------------------------------- 3. kill the primary
