@@ -117,6 +117,15 @@ impl Harness {
         true
     }
 
+    /// Gives the engine these messages from the primary, in order, as the server sent
+    /// them (scripted answers, not the model's).
+    pub(super) fn primary_answers(&mut self, answers: &[Frame]) {
+        for f in answers {
+            self.engine
+                .on_backend(Which::Primary, f, &mut self.states[0]);
+        }
+    }
+
     /// Moves what the engine wrote to the models and the client.
     pub(super) fn pump_out(&mut self) {
         for i in 0..2 {

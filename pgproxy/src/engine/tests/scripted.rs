@@ -342,13 +342,11 @@ fn copy_in_with_a_sync_pipelined_behind_it_and_copy_fail() {
     h.offer(&s());
     // The model does not speak COPY: answer by hand.
     h.models[0].out.clear();
-    for f in [
+    h.primary_answers(&[
         Frame::new(b'1', &[]),
         Frame::new(b'2', &[]),
         copy_in.clone(),
-    ] {
-        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
-    }
+    ]);
     h.pump_out();
     let before = h.models[0].received;
     h.engine.out.backend(Which::Primary).clear();
@@ -384,12 +382,10 @@ fn copy_in_with_a_sync_pipelined_behind_it_and_copy_fail() {
         "copy data, done, and the new Sync reach the server"
     );
     assert_eq!(h.models[0].received, before);
-    for f in [
+    h.primary_answers(&[
         wire::command_complete("COPY 1"),
         wire::ready_for_query(b'I'),
-    ] {
-        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
-    }
+    ]);
     h.pump_out();
     assert_eq!(tags(&h.client_frames()), "12GCZ");
     assert!(h.engine.is_idle());
@@ -412,12 +408,10 @@ fn copy_in_with_a_sync_pipelined_behind_it_and_copy_fail() {
     };
     assert!(matches!(h.engine.on_client(&f, &msg, &env), Step::Done));
     assert_eq!(tags(&frames(h.engine.out.backend(Which::Primary))), "f");
-    for f in [
+    h.primary_answers(&[
         wire::error_response("ERROR", "57014", "COPY from stdin failed: no"),
         wire::ready_for_query(b'I'),
-    ] {
-        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
-    }
+    ]);
     h.pump_out();
     assert_eq!(tags(&h.client_frames()), "GEZ");
 }
@@ -454,14 +448,12 @@ fn copy_out_ended_by_an_error_and_copy_in_refused_mid_copy() {
         "copy (select 1/(2-g) from generate_series(1,3) g) to stdout",
     ));
     h.models[0].out.clear();
-    for f in [
+    h.primary_answers(&[
         Frame::new(b'H', &[0, 0, 0]),
         Frame::new(b'd', b"1\n"),
         wire::error_response("ERROR", "22012", "division by zero"),
         wire::ready_for_query(b'I'),
-    ] {
-        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
-    }
+    ]);
     h.pump_out();
     assert_eq!(tags(&h.client_frames()), "HdEZ");
     assert!(h.engine.is_idle());
@@ -473,13 +465,11 @@ fn copy_out_ended_by_an_error_and_copy_in_refused_mid_copy() {
     let mut h = Harness::new(PoolMode::Transaction, false, false);
     h.offer(&q("copy t from stdin"));
     h.models[0].out.clear();
-    for f in [
+    h.primary_answers(&[
         Frame::new(b'G', &[0, 0, 0]),
         wire::error_response("ERROR", "22P02", "invalid input syntax for type integer"),
         wire::ready_for_query(b'I'),
-    ] {
-        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
-    }
+    ]);
     h.pump_out();
     assert_eq!(tags(&h.client_frames()), "GEZ");
     assert!(h.engine.is_idle());
@@ -532,13 +522,11 @@ fn login_reports_the_servers_parameters_and_refusals_end_it() {
     let sent = frames(h.engine.out.backend(Which::Primary));
     assert_eq!(sent.len(), 1);
     h.engine.out.backend(Which::Primary).clear();
-    for f in [
+    h.primary_answers(&[
         wire::parameter_status("client_encoding", "UTF8"),
         wire::command_complete("SET"),
         wire::ready_for_query(b'I'),
-    ] {
-        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
-    }
+    ]);
     h.pump_out();
     let got = h.client_frames();
     assert_eq!(tags(&got), "SSKZ");
@@ -557,16 +545,14 @@ fn login_reports_the_servers_parameters_and_refusals_end_it() {
         &mut h.states[0],
         &[("nonsense".into(), "1".into())],
     );
-    for f in [
+    h.primary_answers(&[
         wire::error_response(
             "ERROR",
             "42704",
             "unrecognized configuration parameter \"nonsense\"",
         ),
         wire::ready_for_query(b'I'),
-    ] {
-        h.engine.on_backend(Which::Primary, &f, &mut h.states[0]);
-    }
+    ]);
     h.pump_out();
     let got = h.client_frames();
     assert_eq!(tags(&got), "E");
