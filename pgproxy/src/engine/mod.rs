@@ -158,9 +158,14 @@ impl Engine {
         !self.events.is_empty()
     }
 
-    /// The client is sending COPY data.
-    pub fn in_copy(&self) -> bool {
-        self.copy_in.is_some()
+    /// The backend whose answers will come without anything more from the client — not
+    /// inside COPY IN or a batch not yet ended by Sync, which wait for the client.
+    /// What a session ended by the client's Terminate still waits for.
+    pub fn owed_without_client(&self) -> Option<Which> {
+        if self.copy_in.is_some() || self.pipe.batch.is_some() {
+            return None;
+        }
+        self.pipe.active()
     }
 
     /// Extended messages were sent since the client's last Sync.

@@ -241,14 +241,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin, C: Connector> Session<S, C> {
             if self.write_out().await.is_err() {
                 return Ok(());
             }
-            let Some(w) = self.engine.is_waiting_on() else {
+            let Some(w) = self.engine.owed_without_client() else {
                 return Ok(());
             };
-            if self.closing
-                || *shutdown.borrow()
-                || self.engine.batch_open()
-                || self.engine.in_copy()
-            {
+            if self.closing || *shutdown.borrow() {
                 return Ok(());
             }
             let (primary, replica) = self.conns.both();

@@ -669,3 +669,29 @@ fn a_fatal_protocol_violation_ends_even_a_virtual_session() {
     );
     assert_eq!(h.client_frames(), vec![fatal]);
 }
+
+#[test]
+fn what_a_terminate_still_waits_for() {
+    // A simple Query in flight: its answers come without the client.
+    let mut h = Harness::new(PoolMode::Session, false, false);
+    h.offer(&q("select 1"));
+    assert_eq!(h.engine.owed_without_client(), Some(Which::Primary));
+    while h.deliver_one(0) {}
+    assert_eq!(h.engine.owed_without_client(), None, "answered");
+
+    // Extended messages without Sync: the server waits for the client.
+    let mut h = Harness::new(PoolMode::Session, false, false);
+    h.offer(&p("", "select 1"));
+    h.offer(&b("", ""));
+    h.offer(&e("", 0));
+    assert_eq!(h.engine.owed_without_client(), None);
+    h.offer(&s());
+    assert_eq!(h.engine.owed_without_client(), Some(Which::Primary));
+
+    // COPY IN: the server waits for the client's data.
+    let mut h = Harness::new(PoolMode::Session, false, false);
+    h.offer(&q("copy t from stdin"));
+    h.models[0].out.clear();
+    h.primary_answers(&[Frame::new(b'G', &[0, 0, 0])]);
+    assert_eq!(h.engine.owed_without_client(), None);
+}
