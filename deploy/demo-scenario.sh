@@ -278,7 +278,7 @@ cached_is() {
 }
 expect "eu-west reads '$TOKEN-v1' and its proxy counts cache hits (the entry lives in redis-eu-west)"
 wait_until 30 "a cache hit on '$TOKEN-v1' in eu-west" cached_is "$TOKEN-v1" "$HITS_BEFORE" \
-  || fail "no cache hit in eu-west (hits $(proxy_metric eu-west "$HITS"), was $HITS_BEFORE)"
+  || fail "no cache hit in eu-west (hits $(proxy_metric eu-west "$HITS"), was $HITS_BEFORE; lagging lookups $(proxy_metric eu-west 'cache_lookups_total{outcome="lagging"}'), misses $(proxy_metric eu-west 'cache_lookups_total{outcome="miss"}'))"
 ok "cache hits in eu-west: $(proxy_metric eu-west "$HITS")"
 upsert "$TOKEN-v2" || fail "second upsert failed"
 new_value_in_eu() { [ "$(lg_query eu-west "$CACHED_Q" 2>/dev/null)" = "$TOKEN-v2" ]; }
@@ -289,7 +289,7 @@ eu_replica_value() {
     -d postgres -Atc "SELECT v FROM demo_cache WHERE k = 1" 2>&1
 }
 wait_until 15 "eu-west reads '$TOKEN-v2'" new_value_in_eu \
-  || fail "eu-west still reads $(lg_query eu-west "$CACHED_Q" 2>/dev/null) (eu-west's replica itself has: $(eu_replica_value); cache hits $(proxy_metric eu-west "$HITS"), stale lookups $(proxy_metric eu-west 'cache_lookups_total{outcome="stale"}'))"
+  || fail "eu-west still reads $(lg_query eu-west "$CACHED_Q" 2>/dev/null) (eu-west's replica itself has: $(eu_replica_value); cache hits $(proxy_metric eu-west "$HITS"), stale lookups $(proxy_metric eu-west 'cache_lookups_total{outcome="stale"}'), lagging lookups $(proxy_metric eu-west 'cache_lookups_total{outcome="lagging"}'))"
 ok "invalidated; eu-west stale lookups so far: $(proxy_metric eu-west 'cache_lookups_total{outcome="stale"}')"
 
 # ---------------------------------------------------------------- 3. kill the primary

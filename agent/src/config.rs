@@ -137,6 +137,13 @@ pub struct Args {
         default_value = "postgres"
     )]
     pub cache_database: String,
+    /// How far behind this node the region's cache may be: the agent keeps the region's
+    /// freshness lease in Redis only while every change its node had this long ago has been
+    /// applied there, so a stalled invalidation stream stops cache hits within this time
+    /// (docs/cache.md). Must exceed the invalidation round trip (primary, coordinator, every
+    /// region, back) or the cache is never served.
+    #[arg(long, env = "MERIDIAN_AGENT_CACHE_LEASE", default_value = "2s")]
+    pub cache_lease: humantime::Duration,
 }
 
 /// A flag has an unusable value.
@@ -182,6 +189,8 @@ pub struct AgentConfig {
     pub redis: Option<String>,
     /// `--cache-database`.
     pub cache_database: String,
+    /// `--cache-lease`.
+    pub cache_lease: Duration,
 }
 
 impl AgentConfig {
@@ -299,6 +308,16 @@ impl AgentConfig {
                     return Err(invalid("cache-database", "must not be empty"));
                 }
                 db
+            },
+            cache_lease: {
+                let ttl: Duration = args.cache_lease.into();
+                if ttl < heartbeat_interval * 2 {
+                    return Err(invalid(
+                        "cache-lease",
+                        format!("{ttl:?}: must be at least twice --heartbeat-interval"),
+                    ));
+                }
+                ttl
             },
         })
     }

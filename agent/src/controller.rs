@@ -114,6 +114,7 @@ pub fn kind_and_epoch(msg: &CoordMsg) -> (&'static str, Option<Epoch>) {
         CoordMsg::Invalidate { epoch, .. } => ("invalidate", Some(*epoch)),
         CoordMsg::FlushCache { epoch, .. } => ("flush_cache", Some(*epoch)),
         CoordMsg::Ack { .. } => ("ack", None),
+        CoordMsg::Horizon { epoch, .. } => ("horizon", Some(*epoch)),
     }
 }
 
@@ -430,11 +431,12 @@ impl Controller {
             } => self.follow(&leader, &pg_addr, epoch).await,
             CoordMsg::Fence { epoch, .. } => self.fence(epoch).await,
             CoordMsg::SetSyncStandbys { value, .. } => self.set_sync_standbys(&value).await,
-            // Issue 4 (WAL decoding and the regional cache) is not built yet: these
-            // are acknowledged without doing anything.
-            CoordMsg::Invalidate { .. } | CoordMsg::FlushCache { .. } | CoordMsg::Ack { .. } => {
-                Ok(())
-            }
+            // The cache's messages are handled by the link (`crate::invalidation`) and
+            // never reach the controller.
+            CoordMsg::Invalidate { .. }
+            | CoordMsg::FlushCache { .. }
+            | CoordMsg::Ack { .. }
+            | CoordMsg::Horizon { .. } => Ok(()),
         }
     }
 

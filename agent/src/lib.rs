@@ -190,7 +190,14 @@ pub async fn run(
         .instrument(span.clone()),
     ));
     tasks.push(tokio::spawn(
-        probe::run(node.clone(), shared.clone(), interval, ops_tx.clone()).instrument(span.clone()),
+        probe::run(
+            node.clone(),
+            shared.clone(),
+            interval,
+            cfg.cache_lease,
+            ops_tx.clone(),
+        )
+        .instrument(span.clone()),
     ));
     let applier = match &cfg.redis {
         Some(url) => Some(Arc::new(
@@ -203,6 +210,12 @@ pub async fn run(
         )),
         None => None,
     };
+    if let Some(applier) = &applier {
+        tasks.push(tokio::spawn(
+            invalidation::keep_fresh(shared.clone(), applier.clone(), cfg.cache_lease, interval)
+                .instrument(span.clone()),
+        ));
+    }
     let (inval_link, batch_tx, ack_rx) = invalidation::channels(applier);
     tasks.push(tokio::spawn(
         invalidation::run_primary(

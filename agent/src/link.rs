@@ -73,6 +73,7 @@ pub fn heartbeat(shared: &Shared, status: &PgStatus, seq: u64) -> Heartbeat {
         upstream: decide::upstream_name(status.sender.as_deref(), &known),
         replay_lag_ms: status.replay_lag_ms,
         epoch_seen: shared.epoch_seen(),
+        invalidated_lsn: shared.invalidated(),
     }
 }
 
@@ -295,6 +296,10 @@ fn dispatch(
     let id = match &msg {
         CoordMsg::Ack { batch_id } => {
             let _ = inval.acks.try_send(*batch_id);
+            return None;
+        }
+        CoordMsg::Horizon { lsn, epoch } => {
+            shared.observe_horizon(*epoch, *lsn);
             return None;
         }
         CoordMsg::Promote { id, .. }

@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::controller::Op;
 use crate::decide;
+use crate::invalidation::freshness;
 use crate::postgres::PgNode;
 use crate::state::{PgStatus, Shared};
 
@@ -147,11 +148,14 @@ pub async fn probe_once(node: &PgNode, conn: &mut Option<Client>, timeout: Durat
     }
 }
 
-/// The probe loop: runs until the task is aborted.
+/// The probe loop: runs until the task is aborted. Each round's WAL position is
+/// also a freshness sample (kept for `cache_lease`, see
+/// [`crate::invalidation::freshness`]).
 pub async fn run(
     node: Arc<PgNode>,
     shared: Arc<Shared>,
     interval: Duration,
+    cache_lease: Duration,
     ops: mpsc::Sender<Op>,
 ) {
     let mut conn = None;
@@ -160,7 +164,11 @@ pub async fn run(
     let query_timeout = interval.max(Duration::from_millis(300)) * 3;
     loop {
         tick.tick().await;
+        let started = std::time::Instant::now();
         let status = probe_once(&node, &mut conn, query_timeout).await;
+        if let Some(position) = freshness::node_position(&status) {
+            shared.sample_position(started, position, cache_lease);
+        }
         if let Some(epoch) = status.node_epoch {
             shared.see_epoch(epoch);
         }

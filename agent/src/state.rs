@@ -1,6 +1,7 @@
 //! State shared by the agent's tasks: the latest probe of PostgreSQL, the role,
 //! the highest epoch seen, the node's intent and fence, the current leader as
-//! etcd says, the last lease renewal, and the counters behind `/metrics`.
+//! etcd says, the last lease renewal, the cache's invalidation horizon and
+//! freshness samples, and the counters behind `/metrics`.
 //!
 //! Everything is behind short-held locks or atomics; no lock is held across an
 //! `.await`. Decisions on this state are made in [`crate::decide`].
@@ -16,6 +17,7 @@ use meridian_shared::records::{LeaderRecord, Role};
 use tokio::sync::watch;
 
 use crate::decide::Intent;
+use crate::invalidation::freshness::{Freshness, Lease};
 
 /// One observation of the local PostgreSQL (a heartbeat's content).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,6 +99,10 @@ pub struct Shared {
     /// Bumped whenever the role changes (the member record is rewritten).
     pub role_tx: watch::Sender<Role>,
     pub metrics: Metrics,
+    /// While this node streams invalidations: its slot's confirmable position
+    /// (sent in heartbeats as `invalidated_lsn`).
+    invalidated: Mutex<Option<Lsn>>,
+    freshness: Mutex<Freshness>,
 }
 
 impl Shared {
@@ -118,6 +124,8 @@ impl Shared {
             leader: watch::Sender::new(None),
             role_tx: watch::Sender::new(role),
             metrics: Metrics::default(),
+            invalidated: Mutex::new(None),
+            freshness: Mutex::new(Freshness::default()),
         }
     }
 
@@ -166,5 +174,33 @@ impl Shared {
     /// When the lease was last renewed.
     pub fn last_renewed(&self) -> Instant {
         *lock(&self.last_renewed)
+    }
+
+    /// Sets (or clears, when the stream stops) this primary's invalidation horizon.
+    pub fn set_invalidated(&self, lsn: Option<Lsn>) {
+        *lock(&self.invalidated) = lsn;
+    }
+
+    /// This primary's invalidation horizon, while it streams.
+    pub fn invalidated(&self) -> Option<Lsn> {
+        *lock(&self.invalidated)
+    }
+
+    /// The coordinator relayed the cluster's invalidation horizon.
+    pub fn observe_horizon(&self, epoch: Epoch, lsn: Lsn) {
+        lock(&self.freshness).observe_horizon(epoch, lsn);
+    }
+
+    /// The probe that started at `at` found the node at `position`.
+    pub fn sample_position(&self, at: Instant, position: Lsn, keep: std::time::Duration) {
+        lock(&self.freshness).sample(at, position, keep);
+    }
+
+    /// The region's freshness lease to write now, if any (never one of an
+    /// epoch older than the newest seen).
+    pub fn freshness_lease(&self, now: Instant, ttl: std::time::Duration) -> Option<Lease> {
+        let mut f = lock(&self.freshness);
+        f.forget_before(self.epoch_seen());
+        f.lease(now, ttl)
     }
 }

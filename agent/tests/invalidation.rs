@@ -9,6 +9,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meridian_agent::invalidation::batcher::Batch;
@@ -35,6 +36,18 @@ fn eventually(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
             return true;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// Polls `cond` every 20 ms for up to 10 s without blocking the runtime.
+async fn eventually_async(mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cond()
 }
@@ -88,20 +101,40 @@ async fn wait_confirmed(c: &tokio_postgres::Client, at_least: Lsn) -> Lsn {
     }
 }
 
+/// The invalidation horizon the stream reports (`None` before its first report).
+type Horizon = Arc<Mutex<Option<Lsn>>>;
+
 fn spawn_stream(
     cfg: StreamConfig,
 ) -> (
     tokio::task::JoinHandle<()>,
     mpsc::Receiver<Batch>,
     mpsc::Sender<u64>,
+    Horizon,
 ) {
     let (out_tx, out_rx) = mpsc::channel(64);
     let (ack_tx, mut ack_rx) = mpsc::channel(64);
+    let horizon: Horizon = Arc::default();
+    let reported = horizon.clone();
     let task = tokio::spawn(async move {
-        let r = stream::run(&cfg, &out_tx, &mut ack_rx).await;
+        let report = move |lsn| *reported.lock().unwrap() = Some(lsn);
+        let r = stream::run(&cfg, &out_tx, &mut ack_rx, &report).await;
         panic!("stream ended: {r:?}");
     });
-    (task, out_rx, ack_tx)
+    (task, out_rx, ack_tx, horizon)
+}
+
+fn horizon_of(h: &Horizon) -> Lsn {
+    h.lock().unwrap().unwrap_or(Lsn::ZERO)
+}
+
+async fn flush_lsn(c: &tokio_postgres::Client) -> Lsn {
+    let s: String = c
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    s.parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,7 +160,7 @@ async fn primary_changes_are_batched_and_confirmed_only_after_the_ack() {
     let mut cfg = StreamConfig::new(&node.host(), node.port());
     cfg.status_interval = Duration::from_millis(100);
     cfg.resend_after = Duration::from_millis(300);
-    let (task, mut rx, acks) = spawn_stream(cfg.clone());
+    let (task, mut rx, acks, horizon) = spawn_stream(cfg.clone());
 
     // The slot and the publication exist once streaming runs.
     let end = Instant::now() + Duration::from_secs(10);
@@ -156,14 +189,21 @@ async fn primary_changes_are_batched_and_confirmed_only_after_the_ack() {
         one.commit_lsn
     );
 
-    // Not acked: re-sent, and the slot is not confirmed past it.
+    // Not acked: re-sent, and neither the slot nor the invalidation horizon
+    // moves past it.
     let again = recv_batch(&mut rx, "the re-send").await;
     assert_eq!(again, one, "an unacked batch is re-sent unchanged");
     assert!(confirmed_flush(&c).await < one.commit_lsn);
+    assert!(horizon_of(&horizon) < one.commit_lsn);
 
     acks.send(one.batch_id).await.unwrap();
     let confirmed = wait_confirmed(&c, one.commit_lsn).await;
     assert!(confirmed >= one.commit_lsn, "confirmed {confirmed}");
+    assert!(
+        eventually_async(|| horizon_of(&horizon) >= one.commit_lsn).await,
+        "the horizon follows the ack: {}",
+        horizon_of(&horizon)
+    );
 
     // Several tables in one transaction, TRUNCATE included.
     c.batch_execute(
@@ -184,6 +224,26 @@ async fn primary_changes_are_batched_and_confirmed_only_after_the_ack() {
     let confirmed = wait_confirmed(&c, last).await;
     assert!(confirmed >= last && confirmed <= truncated_at);
 
+    // WAL without table changes (a checkpoint record) moves the horizon up to
+    // everything flushed: an idle primary's horizon keeps up with its replicas.
+    c.batch_execute("CHECKPOINT").await.unwrap();
+    let flushed = flush_lsn(&c).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    while horizon_of(&horizon) < flushed {
+        assert!(
+            Instant::now() < end,
+            "the horizon did not reach the flushed position {flushed}: {}",
+            horizon_of(&horizon)
+        );
+        // Batches still unacked (the TRUNCATE's) hold it back until acked.
+        while let Ok(b) = rx.try_recv() {
+            acks.send(b.batch_id).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Everything is acked: no re-send can follow what is queued now.
+    while rx.try_recv().is_ok() {}
+
     // A batch the coordinator never acked is delivered again after a restart.
     c.batch_execute("INSERT INTO app.orders VALUES (2, 2)")
         .await
@@ -191,7 +251,7 @@ async fn primary_changes_are_batched_and_confirmed_only_after_the_ack() {
     let lost = batch_with(&mut rx, "app.orders").await;
     task.abort();
     let _ = task.await;
-    let (task, mut rx, _acks) = spawn_stream(cfg.clone());
+    let (task, mut rx, _acks, _horizon) = spawn_stream(cfg.clone());
     let replayed = batch_with(&mut rx, "app.orders").await;
     assert_eq!(replayed.commit_lsn, lost.commit_lsn);
     assert_ne!(

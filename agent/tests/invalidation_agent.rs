@@ -149,6 +149,50 @@ async fn primary_agent_streams_changes_and_applies_invalidations_to_redis() {
     .await;
     assert!(confirmed >= lsn);
 
+    // The heartbeat carries the invalidation horizon once the ack is in; relayed back (what
+    // the coordinator does for every agent) it gives the region its freshness lease, which
+    // lives no longer than --cache-lease (2 s) unless renewed.
+    let hb = coord
+        .wait_heartbeat(
+            "node1",
+            "the horizon past the acked batch",
+            Duration::from_secs(15),
+            |hb| hb.invalidated_lsn.is_some_and(|h| h >= lsn),
+        )
+        .await;
+    let horizon = hb.invalidated_lsn.unwrap();
+    let fresh = meridian_shared::cache_keys::fresh_key(CLUSTER, Epoch(1));
+    let mut lease = redis::Client::open(redis_url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let pttl = |conn: &mut redis::Connection| -> i64 {
+        redis::cmd("PTTL").arg(&fresh).query(conn).unwrap()
+    };
+    assert_eq!(pttl(&mut lease), -2, "no lease before a horizon is heard");
+    coord.send(
+        "node1",
+        CoordMsg::Horizon {
+            lsn: horizon,
+            epoch: Epoch(1),
+        },
+    );
+    eventually("the freshness lease", Duration::from_secs(10), || {
+        let ttl = pttl(&mut lease);
+        async move { (1..=2000).contains(&ttl).then_some(ttl) }
+    })
+    .await;
+    // A change whose batch is never acked: the node moves past the horizon, the lease is
+    // not renewed and runs out.
+    c.batch_execute("INSERT INTO public.t VALUES (2)")
+        .await
+        .unwrap();
+    eventually("the lease to run out", Duration::from_secs(10), || {
+        let gone = pttl(&mut lease) == -2;
+        async move { gone.then_some(()) }
+    })
+    .await;
+
     // Invalidate: the watermark rises and the tagged entries go.
     let redis = redis::Client::open(redis_url.as_str()).unwrap();
     let mut r = redis.get_connection().unwrap();

@@ -266,7 +266,7 @@ mod tests {
             | CoordMsg::SetSyncStandbys { id, .. }
             | CoordMsg::Invalidate { id, .. }
             | CoordMsg::FlushCache { id, .. } => *id,
-            CoordMsg::Ack { .. } => panic!("not a command"),
+            CoordMsg::Ack { .. } | CoordMsg::Horizon { .. } => panic!("not a command"),
         }
     }
 

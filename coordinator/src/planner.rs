@@ -757,6 +757,7 @@ mod tests {
                 upstream: None,
                 replay_lag_ms: None,
                 epoch_seen: Epoch(1),
+                invalidated_lsn: None,
             },
         }
     }

@@ -270,6 +270,7 @@ mod tests {
                 upstream: upstream.map(str::to_string),
                 replay_lag_ms: None,
                 epoch_seen: Epoch(1),
+                invalidated_lsn: None,
             },
         }
     }

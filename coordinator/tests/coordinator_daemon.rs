@@ -261,6 +261,7 @@ fn heartbeat(node: &str, role: Role) -> Heartbeat {
         upstream: None,
         replay_lag_ms: None,
         epoch_seen: Epoch::ZERO,
+        invalidated_lsn: None,
     }
 }
 

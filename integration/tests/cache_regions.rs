@@ -8,8 +8,11 @@
 //! reader, polling a cached query every few milliseconds, sees the values in commit order
 //! (never an older value after a newer one) and ends on the last one; (d) with one region's
 //! Redis stopped, its reads keep working (uncached) and follow the updates, and caching comes
-//! back with Redis; (e) a failover moves the cache to the new epoch: every region's Redis loses
-//! the old epoch's entries and reads go on from the new primary's data.
+//! back with Redis; (f) with the control plane frozen (both coordinators stopped by SIGSTOP, so no
+//! invalidation reaches any region) the agents' freshness leases run out, no region serves its
+//! cached entry any more, every reader follows an update from its replica, and caching resumes
+//! with the coordinators; (e) a failover moves the cache to the new epoch: every region's Redis
+//! loses the old epoch's entries and reads go on from the new primary's data.
 //!
 //! The programs must be built first (`cargo build --workspace --bins`).
 
@@ -230,6 +233,44 @@ async fn scenario(cluster: &mut LocalCluster) -> anyhow::Result<()> {
         },
     )
     .await?;
+
+    // (f) The control plane freezes: invalidations stop reaching every region. Without the
+    // freshness lease every region would keep serving the entry of the old value (its TTL is
+    // 120 s); with it, each region stops serving within the agents' --cache-lease (2 s) and the
+    // readers follow the update from their replicas.
+    let mut lagging = BTreeMap::new();
+    for region in REGIONS {
+        lagging.insert(region, lookups(cluster, region, "lagging").await?);
+    }
+    cluster.pause_coordinators();
+    v += 1;
+    let frozen = async {
+        update(cluster, "us-west", v).await?;
+        readers.wait_all(v, Duration::from_secs(20)).await?;
+        for region in REGIONS {
+            let now = lookups(cluster, region, "lagging").await?;
+            anyhow::ensure!(
+                now > lagging[region],
+                "{region} counted no lagging lookup while the coordinators were frozen"
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    cluster.resume_coordinators();
+    frozen.context("with the coordinators frozen")?;
+    for region in REGIONS {
+        let hits = lookups(cluster, region, "hit").await?;
+        eventually(
+            Duration::from_secs(60),
+            &format!("{region} serves cached reads again once the coordinators are back"),
+            || async {
+                anyhow::ensure!(lookups(cluster, region, "hit").await? > hits);
+                Ok(())
+            },
+        )
+        .await?;
+    }
 
     // (e) Failover: the writes stopped and every replica has replayed them (nothing to lose),
     // then the primary is killed. Every region's Redis drops the old epoch's entries and the

@@ -4,7 +4,8 @@
 //! rule (an invalidation makes the entry unservable, the refill carries the new value), and
 //! Redis stopped or frozen (reads keep working uncached, within the lookup timeout).
 //!
-//! The watermark is raised by the test here, standing in for the agents; the whole path
+//! The watermark and the region's freshness lease are written by the test here, standing in
+//! for the agents; the whole path
 //! (logical decoding, coordinator fan-out, agents applying to each region's Redis) is tested
 //! across regions in `control_path.rs`/`cache_regions.rs` style tests with the launcher.
 
@@ -43,6 +44,23 @@ async fn wait_for_hit(admin_port: u16, c: &Client, sql: &str, expected: &str, wh
     .unwrap();
 }
 
+/// Writes the region's freshness lease of epoch 0 (a static topology's), without expiry,
+/// as the agents keep it while invalidations reach the region; `false` deletes it.
+async fn set_fresh_lease(redis_url: &str, cluster: &str, held: bool) {
+    let mut r = redis::Client::open(redis_url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = meridian_shared::cache_keys::fresh_key(cluster, meridian_shared::epoch::Epoch(0));
+    let mut cmd = redis::cmd(if held { "SET" } else { "DEL" });
+    cmd.arg(&key);
+    if held {
+        cmd.arg("0");
+    }
+    cmd.query_async::<()>(&mut r).await.unwrap();
+}
+
 async fn primary_lsn(primary: &Client) -> u64 {
     let row = primary
         .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
@@ -74,6 +92,18 @@ async fn fills_hits_invalidates_and_survives_redis_outages() {
         .unwrap();
     wait_count(&c, "SELECT count(*) FROM items", 1, Duration::from_secs(10)).await;
 
+    // Without the region's freshness lease nothing is served from the cache (nobody vouches
+    // that invalidations reach this Redis): every lookup counts as lagging.
+    eventually(Duration::from_secs(20), "lagging lookups", || async {
+        assert_eq!(simple_value(&c, CACHED).await, "1");
+        anyhow::ensure!(metric(proxy.admin_port, "cache_lookups", "lagging").await >= 2.0);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(metric(proxy.admin_port, "cache_lookups", "hit").await, 0.0);
+    set_fresh_lease(&redis.url(), &cluster_name, true).await;
+
     // The relation catalog of the database loads on first use; then a miss fills the entry
     // and the next lookup hits.
     wait_for_hit(proxy.admin_port, &c, CACHED, "1", "a cache hit").await;
@@ -95,7 +125,7 @@ async fn fills_hits_invalidates_and_survives_redis_outages() {
     let got = simple_value(&c, CACHED).await;
     let mut outcomes = String::new();
     for o in [
-        "hit", "miss", "stale", "error", "timeout", "bypass", "unusable",
+        "hit", "miss", "stale", "error", "timeout", "bypass", "unusable", "lagging",
     ] {
         outcomes += &format!(
             "{o}={} ",
@@ -164,6 +194,7 @@ async fn fills_hits_invalidates_and_survives_redis_outages() {
         assert_eq!(simple_value(&c, CACHED).await, "2");
     }
     redis.start_again().await.unwrap();
+    set_fresh_lease(&redis.url(), &cluster_name, true).await;
     wait_for_hit(
         proxy.admin_port,
         &other,
@@ -224,4 +255,34 @@ async fn fills_hits_invalidates_and_survives_redis_outages() {
         metric(proxy.admin_port, "cache_stores", "stored").await,
         stores
     );
+
+    // The invalidation stream stalls: a change is made and never announced (no watermark),
+    // so the entry stays valid and a new session is served the old value while the lease
+    // holds. Once no agent renews the lease it expires: the read goes to the replica and
+    // sees the change.
+    let late = proxy.connect("postgres", "").await.unwrap();
+    wait_for_hit(
+        proxy.admin_port,
+        &late,
+        CACHED,
+        "2",
+        "a hit before the stall",
+    )
+    .await;
+    primary
+        .batch_execute("UPDATE items SET v = 3 WHERE k = 1")
+        .await
+        .unwrap();
+    wait_count(
+        &c,
+        "SELECT count(*) FROM items WHERE v = 3",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(simple_value(&late, CACHED).await, "2", "still cached");
+    set_fresh_lease(&redis.url(), &cluster_name, false).await;
+    let lagging = metric(proxy.admin_port, "cache_lookups", "lagging").await;
+    assert_eq!(simple_value(&late, CACHED).await, "3");
+    assert!(metric(proxy.admin_port, "cache_lookups", "lagging").await > lagging);
 }

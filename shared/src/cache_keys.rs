@@ -6,12 +6,20 @@
 //! | `meridian:<cluster>:e<epoch>:c:<hash>` | string: one cache entry | pgproxy |
 //! | `meridian:<cluster>:e<epoch>:t:<schema.table>` | set of entry keys reading the table | pgproxy (add), agent (delete) |
 //! | `meridian:<cluster>:wm:<schema.table>` | decimal `u64` LSN: invalidation watermark | agent only, never lowered |
+//! | `meridian:<cluster>:e<epoch>:fresh` | decimal `u64` LSN with an expiry: the region's freshness lease | agent only |
 //! | channel `meridian:invalidate` | JSON [`InvalidationEvent`] | agent |
 //!
 //! Entry and tag keys carry the cluster epoch, so a failover makes the old
 //! cache unreachable at once and `FlushCache` only reclaims memory. Watermarks
 //! carry no epoch: LSNs keep increasing across a promotion (the new timeline
 //! continues from the old position), so an old watermark stays a valid bound.
+//!
+//! The freshness lease says that the invalidation stream reaches this region:
+//! an agent of the region keeps it (`SET ... PX`) only while every change its
+//! own node had replayed a moment ago has been applied here (the value is the
+//! invalidation horizon it last heard of, for operators). A proxy serves no
+//! entry while the lease is missing, so a stalled stream anywhere between the
+//! primary and this Redis makes the cache miss instead of serving stale data.
 //!
 //! Table names are always `schema.table` as the catalog spells them (the
 //! `public` schema explicit, case as stored: the caller folds unquoted SQL
@@ -74,6 +82,11 @@ pub fn parse_watermark(value: &str) -> Option<Lsn> {
     value.trim().parse::<u64>().ok().map(Lsn)
 }
 
+/// The freshness lease of `epoch` (see the module documentation).
+pub fn fresh_key(cluster: &str, epoch: Epoch) -> String {
+    format!("{}fresh", epoch_prefix(cluster, epoch))
+}
+
 /// `SCAN MATCH` pattern for every entry and tag key of `cluster`, all epochs.
 /// Glob characters in the cluster name are escaped.
 pub fn all_epochs_pattern(cluster: &str) -> String {
@@ -87,14 +100,14 @@ pub fn all_epochs_pattern(cluster: &str) -> String {
     format!("meridian:{escaped}:e*")
 }
 
-/// The epoch of an entry or tag key of `cluster`, `None` for any other key
-/// (watermarks included).
+/// The epoch of an entry, tag or freshness key of `cluster`, `None` for any
+/// other key (watermarks included).
 pub fn epoch_of_key(cluster: &str, key: &str) -> Option<Epoch> {
     let rest = key
         .strip_prefix(&cluster_prefix(cluster))?
         .strip_prefix('e')?;
     let (digits, tail) = rest.split_once(':')?;
-    if !(tail.starts_with("c:") || tail.starts_with("t:")) {
+    if !(tail.starts_with("c:") || tail.starts_with("t:") || tail == "fresh") {
         return None;
     }
     digits.parse::<u64>().ok().map(Epoch)
@@ -194,6 +207,10 @@ mod tests {
             Some(Epoch(12))
         );
         assert_eq!(epoch_of_key(c, &watermark_key(c, "t")), None);
+        // The freshness lease of an old epoch goes with its entries.
+        assert_eq!(epoch_of_key(c, &fresh_key(c, Epoch(3))), Some(Epoch(3)));
+        assert!(is_older_epoch_key(c, &fresh_key(c, Epoch(3)), Epoch(4)));
+        assert_eq!(epoch_of_key(c, "meridian:prod:e3:freshness"), None);
         assert_eq!(epoch_of_key("other", &entry_key(c, Epoch(7), "x")), None);
         assert_eq!(epoch_of_key(c, "meridian:prod:ex:c:1"), None);
         assert!(is_older_epoch_key(

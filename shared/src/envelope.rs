@@ -58,6 +58,12 @@ pub struct Heartbeat {
     pub replay_lag_ms: Option<u64>,
     /// Highest epoch the agent has seen (and, on a primary, recorded in its node).
     pub epoch_seen: Epoch,
+    /// On a primary streaming invalidations: every change committed up to this
+    /// LSN has been applied in every region's cache that is not marked unusable
+    /// (its replication slot's confirmable position). The coordinator relays it
+    /// to every agent as [`CoordMsg::Horizon`].
+    #[serde(default)]
+    pub invalidated_lsn: Option<Lsn>,
 }
 
 impl Heartbeat {
@@ -152,6 +158,11 @@ pub enum CoordMsg {
     FlushCache { id: CommandId, epoch: Epoch },
     /// The coordinator has durably taken the `Changes` batch `batch_id`.
     Ack { batch_id: u64 },
+    /// The invalidation horizon of the leader of `epoch`: every change up to
+    /// `lsn` is applied in every region's cache not marked unusable (the
+    /// primary's [`Heartbeat::invalidated_lsn`], relayed). Not acknowledged; a
+    /// lost one only delays the region's freshness lease.
+    Horizon { lsn: Lsn, epoch: Epoch },
 }
 
 /// Envelope version 1: JSON payload.
@@ -306,6 +317,7 @@ mod tests {
             upstream: Some("us-east-1".into()),
             replay_lag_ms: Some(3),
             epoch_seen: Epoch(4),
+            invalidated_lsn: None,
         }
     }
 
@@ -367,6 +379,10 @@ mod tests {
                 epoch: Epoch(2),
             },
             CoordMsg::Ack { batch_id: 9 },
+            CoordMsg::Horizon {
+                lsn: Lsn(11),
+                epoch: Epoch(2),
+            },
         ]
     }
 

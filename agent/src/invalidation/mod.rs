@@ -1,8 +1,11 @@
 //! Cache invalidation (issue 4, DESIGN.md §6): on the primary, [`stream`]
 //! consumes the logical replication slot, [`pgoutput`] decodes it and
 //! [`batcher`] turns committed transactions into `Changes` batches and decides
-//! how far the slot may be confirmed; on every agent, [`redis_apply`] applies the
-//! coordinator's `Invalidate` / `FlushCache` to the region's Redis.
+//! how far the slot may be confirmed (that position, the invalidation horizon,
+//! goes out in heartbeats); on every agent, [`redis_apply`] applies the
+//! coordinator's `Invalidate` / `FlushCache` to the region's Redis, and
+//! [`keep_fresh`] keeps the region's freshness lease there while the horizon
+//! covers what the node had a moment ago ([`freshness`]).
 //!
 //! This module wires them to the rest of the agent: [`run_primary`] streams
 //! while the node is a running primary (and stops when it no longer is; the
@@ -11,6 +14,7 @@
 //! and [`apply`] carries out one cache command.
 
 pub mod batcher;
+pub mod freshness;
 pub mod pgoutput;
 pub mod redis_apply;
 pub mod stream;
@@ -81,8 +85,9 @@ pub async fn run_primary(
                 tokio::time::sleep(poll).await;
             }
         };
+        let horizon = |lsn| shared.set_invalidated(Some(lsn));
         tokio::select! {
-            res = stream::run(&cfg, &out, &mut acks) => {
+            res = stream::run(&cfg, &out, &mut acks, &horizon) => {
                 if let Err(e) = res {
                     tracing::warn!(error = %e, "invalidation stream stopped; restarting in 1 s");
                 }
@@ -90,6 +95,46 @@ pub async fn run_primary(
             }
             () = stopped => {
                 tracing::info!("no longer a running primary: invalidation stream stopped");
+            }
+        }
+        shared.set_invalidated(None);
+    }
+}
+
+/// Keeps the region's freshness lease in Redis while [`Shared::freshness_lease`]
+/// gives one, checking every `every`; runs until aborted.
+pub async fn keep_fresh(
+    shared: Arc<Shared>,
+    applier: Arc<RedisApplier>,
+    ttl: Duration,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut held = false;
+    loop {
+        tick.tick().await;
+        let lease = shared.freshness_lease(std::time::Instant::now(), ttl);
+        let renewed = match lease {
+            Some(lease) => match applier.renew_fresh(&lease).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot renew the cache's freshness lease");
+                    false
+                }
+            },
+            None => false,
+        };
+        if renewed != held {
+            held = renewed;
+            match lease {
+                Some(l) if renewed => tracing::info!(
+                    epoch = %l.epoch, horizon = %l.horizon,
+                    "cache freshness lease held: invalidations reach this region"
+                ),
+                _ => tracing::info!(
+                    "cache freshness lease not renewed: the invalidation horizon is behind this node (or redis is down); the region's proxies stop serving cached reads when it expires"
+                ),
             }
         }
     }

@@ -8,7 +8,7 @@
 //! tag set of `epoch` are unlinked with the tag sets, and the JSON
 //! [`InvalidationEvent`] is published on `meridian:invalidate`. Applying the
 //! same command twice is harmless. `FlushCache { epoch }` scans the cluster's
-//! entry and tag keys (`SCAN MATCH`) and unlinks those of older epochs;
+//! entry, tag and freshness keys (`SCAN MATCH`) and unlinks those of older epochs;
 //! watermarks stay. The connection is a [`ConnectionManager`] created on first
 //! use (so an agent whose Redis is down starts anyway) with short timeouts;
 //! errors are returned for the caller to ack `Failed`. Limits: a single Redis
@@ -21,6 +21,8 @@ use meridian_shared::epoch::Epoch;
 use meridian_shared::lsn::Lsn;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Mutex;
+
+use super::freshness::Lease;
 
 /// KEYS = n watermark keys, then n tag keys; ARGV = lsn (decimal), channel, event.
 const INVALIDATE_LUA: &str = r#"
@@ -165,6 +167,23 @@ impl RedisApplier {
         let mut conn = self.connection().await?;
         let (raised, deleted): (u64, u64) = cmd.query_async(&mut conn).await?;
         Ok(InvalidateOutcome { raised, deleted })
+    }
+
+    /// Writes the region's freshness lease (`cache_keys::fresh_key`): it
+    /// expires after `lease.ttl` unless renewed.
+    pub async fn renew_fresh(&self, lease: &Lease) -> Result<(), ApplyError> {
+        let ms = u64::try_from(lease.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut conn = self.connection().await?;
+        redis::cmd("SET")
+            .arg(cache_keys::fresh_key(&self.cluster, lease.epoch))
+            .arg(cache_keys::watermark_value(lease.horizon))
+            .arg("PX")
+            .arg(ms)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// Unlinks every entry and tag key of an epoch older than `epoch`; returns

@@ -546,11 +546,14 @@ impl ReplicationConn {
 }
 
 /// Runs one replication session until an error (the caller restarts it with a
-/// backoff): batches go to `out`, coordinator acks (batch ids) come in on `acks`.
+/// backoff): batches go to `out`, coordinator acks (batch ids) come in on `acks`,
+/// and `horizon` hears the confirmable position whenever it may have moved
+/// (every change up to it is applied in every region that is not unusable).
 pub async fn run(
     cfg: &StreamConfig,
     out: &mpsc::Sender<Batch>,
     acks: &mut mpsc::Receiver<u64>,
+    horizon: &(dyn Fn(Lsn) + Sync),
 ) -> Result<(), StreamError> {
     let start = ensure_slot(cfg).await?;
     let mut conn = ReplicationConn::connect(cfg).await?;
@@ -624,6 +627,7 @@ pub async fn run(
             }
         }
         let confirmable = batcher.confirmable();
+        horizon(confirmable);
         if reply_now || confirmable > reported {
             conn.send_status(received, confirmable, false).await?;
             reported = confirmable;

@@ -1,7 +1,8 @@
 //! Talking with the agents: their QUIC sessions, commands sent through the
 //! [`CommandBook`](crate::commands::CommandBook) (kept until acknowledged, re-sent
 //! on reconnect and periodically), and what arrives from them: heartbeats for the
-//! detector, command acknowledgements, and change batches for the cache fan-out.
+//! detector, command acknowledgements, change batches for the cache fan-out, and
+//! the primary's invalidation horizon, relayed to every agent.
 //!
 //! Nothing is sent once the election lease's local deadline has passed: another
 //! coordinator may be in charge by then. A message from a session that has been
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use meridian_shared::envelope::{AckResult, AgentMsg, CoordMsg};
 use meridian_shared::epoch::Epoch;
-use meridian_shared::records::Role;
+use meridian_shared::records::{LeaderState, Role};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -95,6 +96,7 @@ impl Active {
             Inbound::Connected {
                 node, session, tx, ..
             } => {
+                self.horizon.forget(&node);
                 self.sessions
                     .insert(node.clone(), Session { id: session, tx });
                 for msg in self.book.pending_for(&node, Instant::now()) {
@@ -104,6 +106,7 @@ impl Active {
             Inbound::Disconnected { node, session } => {
                 if self.sessions.get(&node).is_some_and(|s| s.id == session) {
                     self.sessions.remove(&node);
+                    self.horizon.forget(&node);
                 }
             }
             Inbound::Message {
@@ -138,6 +141,9 @@ impl Active {
                                 }
                             }
                         }
+                        if let Some(lsn) = hb.invalidated_lsn {
+                            self.relay_horizon(&node, lsn);
+                        }
                         self.detector.observe_heartbeat(at, hb);
                     }
                     AgentMsg::Ack { id, result } => self.on_ack(shell, &node, id, result),
@@ -148,6 +154,23 @@ impl Active {
                     } => self.on_changes(shell, &node, batch_id, tables, commit_lsn),
                 }
             }
+        }
+    }
+
+    /// Relays the serving leader's invalidation horizon to every connected agent.
+    fn relay_horizon(&mut self, from: &str, lsn: meridian_shared::lsn::Lsn) {
+        let leader = self
+            .snap
+            .leader
+            .as_ref()
+            .map(|l| &l.value)
+            .filter(|l| l.state == LeaderState::Serving)
+            .map(|l| (l.node.as_str(), l.epoch));
+        let outs =
+            self.horizon
+                .on_heartbeat(from, lsn, leader, self.sessions.keys().map(String::as_str));
+        for (node, msg) in outs {
+            self.send(&node, msg);
         }
     }
 

@@ -49,6 +49,7 @@ use crate::commands::CommandBook;
 use crate::control::{ControlLoopSide, Operation, OperationResult};
 use crate::detector::Detector;
 use crate::fanout::Fanout;
+use crate::horizon::HorizonRelay;
 use crate::quic::{self, Inbound};
 use crate::store::{Snapshot, StoreError};
 
@@ -158,6 +159,8 @@ struct Active {
     cache_writes: Vec<(String, bool, String)>,
     /// Regions marked unusable in etcd were handed to `fanout` (first read).
     cache_seeded: bool,
+    /// The primary's invalidation horizon, relayed to every agent.
+    horizon: HorizonRelay,
     /// Something a decision waits for arrived (a command's ack, a probe's
     /// result, a node reporting its Postgres down): decide now rather than at
     /// the next tick.

@@ -66,6 +66,7 @@ impl Active {
             // Fan-out command ids live far from the command book's.
             fanout: Fanout::new(FanoutConfig::default(), first_id.saturating_add(1 << 40)),
             cache_writes: Vec::new(),
+            horizon: crate::horizon::HorizonRelay::default(),
             cache_seeded: false,
             wake: false,
         }

@@ -631,6 +631,21 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Freezes every running coordinator (SIGSTOP): a control plane that stops answering
+    /// without closing a connection. [`LocalCluster::resume_coordinators`] undoes it.
+    pub fn pause_coordinators(&self) {
+        for pid in self.coordinators.iter().filter_map(Coordinator::pid) {
+            signal(pid, Signal::SIGSTOP);
+        }
+    }
+
+    /// Lets the coordinators frozen by [`LocalCluster::pause_coordinators`] run again.
+    pub fn resume_coordinators(&self) {
+        for pid in self.coordinators.iter().filter_map(Coordinator::pid) {
+            signal(pid, Signal::SIGCONT);
+        }
+    }
+
     pub fn node(&self, name: &str) -> anyhow::Result<&Node> {
         self.nodes
             .iter()

@@ -1,5 +1,5 @@
-//! The region's Redis as the proxy uses it: one lookup round trip (the entry and its tables'
-//! watermarks in one pipeline) and a fire-and-forget store.
+//! The region's Redis as the proxy uses it: one lookup round trip (the region's freshness
+//! lease, the entry and its tables' watermarks in one pipeline) and a fire-and-forget store.
 //!
 //! Every call is bounded by `cache.timeout` (default 20 ms): a slow or dead Redis makes reads
 //! uncached, never failed. After a few consecutive failures the store is bypassed for a second
@@ -27,6 +27,9 @@ pub enum Found {
     /// The stored entry (undecoded) and each guarding table's watermark.
     Entry(Bytes, Vec<(String, Option<Lsn>)>),
     Miss,
+    /// The region's freshness lease is missing: the invalidation stream is not known to
+    /// reach this Redis in time, so nothing may be served (the read runs on a replica).
+    Lagging,
 }
 
 /// Why the store could not answer.
@@ -158,7 +161,8 @@ impl CacheStore {
         }
     }
 
-    /// The entry `hash` of `epoch` and the watermarks of `tables`, in one round trip.
+    /// The entry `hash` of `epoch` and the watermarks of `tables`, in one round trip, unless
+    /// the region's freshness lease of `epoch` is missing.
     pub async fn lookup(
         self: &Arc<Self>,
         epoch: Epoch,
@@ -168,6 +172,7 @@ impl CacheStore {
         self.check_bypass()?;
         let mut conn = self.connection()?;
         let mut pipe = redis::pipe();
+        pipe.get(cache_keys::fresh_key(&self.cluster, epoch));
         pipe.get(cache_keys::entry_key(&self.cluster, epoch, hash));
         for t in tables {
             pipe.get(cache_keys::watermark_key(&self.cluster, t));
@@ -176,6 +181,9 @@ impl CacheStore {
             .bounded(pipe.query_async::<Vec<Option<Vec<u8>>>>(&mut conn))
             .await;
         let mut values = self.record(r)?.into_iter();
+        if values.next().flatten().is_none() {
+            return Ok(Found::Lagging);
+        }
         let Some(Some(entry)) = values.next() else {
             return Ok(Found::Miss);
         };

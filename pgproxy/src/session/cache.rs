@@ -114,6 +114,10 @@ impl SessionCache {
                 metrics.cache_lookup("miss");
                 return None;
             }
+            Ok(Found::Lagging) => {
+                metrics.cache_lookup("lagging");
+                return None;
+            }
             Err(e) => {
                 debug!(error = %e, "cache lookup failed; running the read uncached");
                 metrics.cache_lookup(e.outcome());
