@@ -515,3 +515,116 @@ async fn meridian_settings_work_through_the_extended_protocol() {
     let one: i32 = reader.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
 }
+
+async fn pool_metric(proxy: &Proxy, series: &str) -> f64 {
+    meridian_integration::probe::proxy_metric(&format!("127.0.0.1:{}", proxy.admin_port), series)
+        .await
+        .unwrap()
+}
+
+/// Clients beyond `pool.max_size` wait for a server connection instead of failing: in
+/// session mode with a replica every session holds a replica connection from its login,
+/// so with a pool of two the third login waits until a session leaves. A wait longer than
+/// `pool.query_wait_timeout` ends with 53300 naming the setting (an ERROR: the session goes
+/// on), counted in the metrics. In transaction mode statements queue for the one connection
+/// and all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_beyond_the_pool_wait_for_a_server_connection() {
+    let cluster = PgCluster::builder().replicas(1).start().await.unwrap();
+    let mut cfg = trust_config(&cluster);
+    cfg.pool.max_size = 2;
+    cfg.pool.connect_timeout = Duration::from_secs(1);
+    let proxy = Proxy::start(cfg.clone()).await;
+    let first = proxy.connect("postgres", "").await.unwrap();
+    let second = proxy.connect("postgres", "").await.unwrap();
+    for c in [&first, &second] {
+        assert!(is_replica(c, "SELECT pg_is_in_recovery()").await);
+    }
+    let third = {
+        let proxy_dsn = proxy.dsn("postgres", "");
+        tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&proxy_dsn, NoTls).await?;
+            tokio::spawn(conn);
+            let v: i32 = c.query_one("SELECT 7", &[]).await?.get(0);
+            Ok::<_, tokio_postgres::Error>(v)
+        })
+    };
+    // Queued, not refused: still waiting at twice pool.connect_timeout (the wait used to
+    // end there with 08006); counted as waiting.
+    let waiting = "pool_waiting_clients";
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while pool_metric(&proxy, waiting).await < 1.0 {
+        assert!(
+            std::time::Instant::now() < end,
+            "no session counted as waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The absence of a refusal takes a window to observe.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!third.is_finished(), "the third login must wait, not fail");
+    drop(first);
+    let v = tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("the third login gets the freed connection")
+        .unwrap()
+        .unwrap();
+    assert_eq!(v, 7);
+    assert_eq!(pool_metric(&proxy, waiting).await, 0.0);
+    assert_eq!(pool_metric(&proxy, "pool_wait_timeouts_total").await, 0.0);
+    drop(second);
+
+    // A short query_wait_timeout, transaction mode, one connection per pool: while one
+    // client's transaction holds the primary's connection, another client's write waits that
+    // long, then gets 53300 naming the setting; its session goes on once the pool frees up.
+    let mut short = cfg.clone();
+    short.pool.mode = PoolMode::Transaction;
+    short.pool.max_size = 1;
+    short.pool.query_wait_timeout = Duration::from_secs(1);
+    let proxy = Proxy::start(short).await;
+    let holder = proxy.connect("postgres", "").await.unwrap();
+    let waiter = proxy.connect("postgres", "").await.unwrap();
+    holder
+        .batch_execute("CREATE TABLE queued (id int); BEGIN; INSERT INTO queued VALUES (1)")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = waiter
+        .batch_execute("INSERT INTO queued VALUES (2)")
+        .await
+        .expect_err("a write behind a busy pool must end after the wait");
+    let waited = started.elapsed();
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "53300", "{db:?}");
+    assert!(
+        db.message().contains("pool.query_wait_timeout"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "waited only {waited:?}"
+    );
+    assert_eq!(pool_metric(&proxy, "pool_wait_timeouts_total").await, 1.0);
+    holder.batch_execute("COMMIT").await.unwrap();
+    waiter
+        .batch_execute("INSERT INTO queued VALUES (3)")
+        .await
+        .unwrap();
+
+    // Transaction mode, one connection: concurrent statements queue and all succeed.
+    let mut tx = cfg;
+    tx.pool.mode = PoolMode::Transaction;
+    tx.pool.max_size = 1;
+    let proxy = Proxy::start(tx).await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let c = proxy.connect("postgres", "").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            c.batch_execute("SELECT pg_sleep(0.3)").await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}

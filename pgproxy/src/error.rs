@@ -183,6 +183,11 @@ pub enum ProxyError {
     },
     /// The proxy could not get a backend for the statement (the reason is logged, not sent).
     NoBackend,
+    /// Every connection of the client's pool stayed in use for `pool.query_wait_timeout`.
+    PoolWaitTimeout {
+        waited_ms: u128,
+        pool_size: u32,
+    },
     /// The failover hold ran out without a serving primary.
     NoPrimary {
         held_ms: u128,
@@ -225,7 +230,7 @@ impl ProxyError {
             UnsupportedProtocol { .. } | ReplicationRefused => SqlState::FeatureNotSupported,
             TlsRequired | NoUserName | NotAuthorized { .. } => SqlState::InvalidAuthorization,
             PasswordFailed { .. } => SqlState::InvalidPassword,
-            TooManyClients => SqlState::TooManyConnections,
+            TooManyClients | PoolWaitTimeout { .. } => SqlState::TooManyConnections,
             LoginTimeout => SqlState::QueryCanceled,
             DuplicatePreparedStatement { .. } => SqlState::DuplicatePreparedStatement,
             NoBackend | NoPrimary { .. } | BackendLost { .. } => SqlState::ConnectionFailure,
@@ -259,6 +264,7 @@ impl ProxyError {
             MessageTooLong { .. } => "message_too_long",
             DuplicatePreparedStatement { .. } => "duplicate_statement",
             NoBackend => "no_backend",
+            PoolWaitTimeout { .. } => "pool_wait_timeout",
             NoPrimary { .. } => "no_primary",
             BackendLost { .. } => "backend_lost",
             TransactionLost => "transaction_lost",
@@ -316,6 +322,9 @@ impl ProxyError {
                 format!("prepared statement \"{name}\" already exists")
             }
             NoBackend => "meridian-pgproxy: no server available for the statement".into(),
+            PoolWaitTimeout { waited_ms, pool_size } => format!(
+                "meridian-pgproxy: no server connection became free within pool.query_wait_timeout ({waited_ms} ms): all {pool_size} connections of the pool are in use"
+            ),
             NoPrimary { held_ms } => {
                 format!("no primary available: failover in progress (held {held_ms} ms)")
             }

@@ -116,7 +116,11 @@ pub async fn run(
     let backend_tls = BackendTls::from_config(&cfg.backend_tls)?;
     let tls_acceptor = tls::acceptor(&cfg.tls)?;
     let metrics = Arc::new(Metrics::new());
-    let pools = Arc::new(Pools::new(metrics.fencing_rejections.clone()));
+    let pools = Arc::new(Pools::new(crate::pool::PoolMetrics {
+        fence_rejections: metrics.fencing_rejections.clone(),
+        waiting: metrics.pool_waiting.clone(),
+        wait_timeouts: metrics.pool_wait_timeouts.clone(),
+    }));
     let mut catalog = FunctionCatalog::with_builtin_defaults();
     catalog.add_read_safe(cfg.routing.read_safe_functions.iter().cloned());
     let mut tasks = tokio::task::JoinSet::new();

@@ -73,6 +73,10 @@ pub struct Metrics {
     pub failover_hold_timeouts: Counter,
     /// New primary connections refused by the fencing check.
     pub fencing_rejections: Counter,
+    /// Sessions waiting for a server connection of a pool now.
+    pub pool_waiting: Gauge,
+    /// Waits for a server connection that ran out (`pool.query_wait_timeout`; client got 53300).
+    pub pool_wait_timeouts: Counter,
     pub topology_epoch: Gauge,
     pub replicas_healthy: Gauge,
     /// 1 while a serving primary is known.
@@ -177,6 +181,18 @@ impl Metrics {
             "New primary connections refused: in recovery or not carrying the leader's epoch",
             fencing_rejections.clone(),
         );
+        let pool_waiting = Gauge::default();
+        registry.register(
+            "pool_waiting_clients",
+            "Sessions waiting for a server connection (every connection of their pool in use, or one being opened)",
+            pool_waiting.clone(),
+        );
+        let pool_wait_timeouts = Counter::default();
+        registry.register(
+            "pool_wait_timeouts",
+            "Waits for a server connection that ran out after pool.query_wait_timeout (client got SQLSTATE 53300)",
+            pool_wait_timeouts.clone(),
+        );
         let topology_epoch = Gauge::default();
         registry.register(
             "topology_epoch",
@@ -235,6 +251,8 @@ impl Metrics {
             failover_hold_seconds,
             failover_hold_timeouts,
             fencing_rejections,
+            pool_waiting,
+            pool_wait_timeouts,
             topology_epoch,
             replicas_healthy,
             primary_available,

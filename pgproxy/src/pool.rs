@@ -27,6 +27,12 @@
 //! it was last asked for (checked at most once a second, when a pool is asked for or
 //! the metrics are rendered). The failure the waiting sessions get is the server's
 //! own error ([`PoolError::Failed`]), so a login to a missing database gets 3D000.
+//!
+//! A session that finds every connection of its pool in use waits in the pool's queue
+//! (bb8's waiters, first come first served) for up to `pool.query_wait_timeout`
+//! (PgBouncer's setting, 120 s by default), not `pool.connect_timeout`, which bounds
+//! each connect attempt on its own; running out is [`PoolError::WaitTimeout`] (53300
+//! for the client). Sessions waiting are counted in `pool_waiting_clients`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use meridian_shared::config::PoolConfig;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::broadcast;
 
 use crate::backend::{BackendConn, BackendError, ConnectParams};
@@ -188,7 +195,15 @@ pub enum PoolError {
         addr: Arc<str>,
         error: Arc<BackendError>,
     },
-    #[error("timed out waiting for a connection to {0}")]
+    /// Every connection of the pool stayed in use for `pool.query_wait_timeout`.
+    #[error("no connection to {addr} became free within {waited:?} (pool of {max_size})")]
+    WaitTimeout {
+        addr: Arc<str>,
+        waited: Duration,
+        max_size: u32,
+    },
+    /// A connect attempt did not finish in time (a black-holed backend).
+    #[error("timed out connecting to {0}")]
     Timeout(Arc<str>),
     /// The failover hold ran out without a serving, connectable primary.
     #[error("no primary available: failover in progress (held {held_ms} ms)")]
@@ -203,6 +218,8 @@ impl PoolError {
             PoolError::ConnectFailed { unavailable, .. } => *unavailable,
             PoolError::Failed { error, .. } => error.is_unavailable(),
             PoolError::Timeout(_) | PoolError::NoPrimary { .. } => true,
+            // A busy pool, not a failing backend: waiting longer is what just ran out.
+            PoolError::WaitTimeout { .. } => false,
         }
     }
 }
@@ -238,16 +255,43 @@ pub fn reclaimable(
     connections == 0 && now.saturating_duration_since(last_wanted) >= idle_timeout
 }
 
+/// The metrics the pools keep.
+#[derive(Clone, Default)]
+pub struct PoolMetrics {
+    /// New primary connections refused by the fencing check.
+    pub fence_rejections: Counter,
+    /// Sessions in [`Pools::get`] now.
+    pub waiting: Gauge,
+    /// [`PoolError::WaitTimeout`]s.
+    pub wait_timeouts: Counter,
+}
+
 /// All pools of a proxy.
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<Entry>>>,
-    fence_rejections: Counter,
+    metrics: PoolMetrics,
     last_sweep: Mutex<Instant>,
 }
 
 impl Default for Pools {
     fn default() -> Self {
-        Pools::new(Counter::default())
+        Pools::new(PoolMetrics::default())
+    }
+}
+
+/// Counts a session in `waiting` while it lives (a cancelled wait included).
+struct Waiting(Gauge);
+
+impl Waiting {
+    fn new(g: &Gauge) -> Waiting {
+        g.inc();
+        Waiting(g.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -261,11 +305,11 @@ fn key_of(params: &ConnectParams, fence: Option<u64>) -> PoolKey {
 }
 
 impl Pools {
-    /// Pools that count fencing rejections in `fence_rejections`.
-    pub fn new(fence_rejections: Counter) -> Pools {
+    /// Pools that count into `metrics`.
+    pub fn new(metrics: PoolMetrics) -> Pools {
         Pools {
             pools: Mutex::default(),
-            fence_rejections,
+            metrics,
             last_sweep: Mutex::new(Instant::now()),
         }
     }
@@ -320,7 +364,7 @@ impl Pools {
             fence,
             health_check_after: cfg.health_check_after,
             failures: failures.clone(),
-            fence_rejections: self.fence_rejections.clone(),
+            fence_rejections: self.metrics.fence_rejections.clone(),
         };
         let pool = bb8::Pool::builder()
             .max_size(cfg.max_size)
@@ -332,7 +376,9 @@ impl Pools {
             .idle_timeout(Some(cfg.idle_timeout))
             // Idle connections are closed within a reap of their timeout.
             .reaper_rate(cfg.idle_timeout.min(Duration::from_secs(30)))
-            .connection_timeout(cfg.connect_timeout)
+            // How long a checkout may wait for a free connection; each connect attempt is
+            // bounded by `connect_timeout` itself and its failure ends the wait at once.
+            .connection_timeout(cfg.query_wait_timeout)
             .retry_connection(false)
             .test_on_check_out(true)
             .build_unchecked(manager);
@@ -357,10 +403,18 @@ impl Pools {
         let key = key_of(params, fence);
         let entry = self.entry(&key, params, cfg);
         let mut failures = entry.failures.subscribe();
+        let _waiting = Waiting::new(&self.metrics.waiting);
         let r = tokio::select! {
             r = entry.pool.get_owned() => r.map_err(|e| match e {
                 bb8::RunError::User(e) => PoolError::Backend(e),
-                bb8::RunError::TimedOut => PoolError::Timeout(params.addr.clone()),
+                bb8::RunError::TimedOut => {
+                    self.metrics.wait_timeouts.inc();
+                    PoolError::WaitTimeout {
+                        addr: params.addr.clone(),
+                        waited: cfg.query_wait_timeout,
+                        max_size: cfg.max_size,
+                    }
+                }
             }),
             f = failures.recv() => Err(match f {
                 Ok(f) => PoolError::Failed {
@@ -375,7 +429,7 @@ impl Pools {
             }),
         };
         if let Err(e) = &r {
-            if !e.is_unavailable() {
+            if !e.is_unavailable() && !matches!(e, PoolError::WaitTimeout { .. }) {
                 self.forget_failed(&key, &entry);
             }
         }

@@ -110,6 +110,14 @@ pub fn refusal(e: &PoolError) -> Refusal {
         PoolError::ConnectFailed { .. } | PoolError::Timeout(_) => {
             return Refusal::Proxy(ProxyError::NoBackend)
         }
+        PoolError::WaitTimeout {
+            waited, max_size, ..
+        } => {
+            return Refusal::Proxy(ProxyError::PoolWaitTimeout {
+                waited_ms: waited.as_millis(),
+                pool_size: *max_size,
+            })
+        }
     };
     match backend {
         BackendError::Server { code, message } => {
@@ -123,6 +131,21 @@ pub fn refusal(e: &PoolError) -> Refusal {
             reason: reason.clone(),
         }),
         _ => Refusal::Proxy(ProxyError::NoBackend),
+    }
+}
+
+/// Resolves once `topology` names a primary other than `addr` or another fencing epoch
+/// (never, if the sender is gone).
+async fn primary_replaced(
+    topology: &mut tokio::sync::watch::Receiver<Arc<crate::topology::Topology>>,
+    addr: &Arc<str>,
+    fence: Option<u64>,
+) {
+    let same = |t: &crate::topology::Topology| {
+        t.primary.as_ref() == Some(addr) && t.fence_epoch() == fence
+    };
+    if topology.wait_for(|t| !same(t)).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -209,12 +232,13 @@ impl PoolConnector {
                     let r = if hold.is_zero() {
                         get.await
                     } else {
-                        // Never wait on one attempt past the hold (a black-holed primary).
-                        let until =
-                            (started + hold).max(tokio::time::Instant::now() + PRIMARY_RETRY);
-                        tokio::time::timeout_at(until, get)
-                            .await
-                            .unwrap_or(Err(PoolError::Timeout(addr)))
+                        // A wait for a busy pool is not bounded by the hold (each connect
+                        // attempt is, by pool.connect_timeout), but it ends when another
+                        // primary or epoch is published: the write goes there instead.
+                        tokio::select! {
+                            r = get => r,
+                            () = primary_replaced(&mut topology, &addr, fence) => continue,
+                        }
                     };
                     match r {
                         Ok(c) => {
@@ -516,6 +540,26 @@ mod tests {
         }
         match refusal(&PoolError::Timeout(Arc::from("h:1"))) {
             Refusal::Proxy(p) => assert_eq!(p, ProxyError::NoBackend),
+            other => panic!("{other:?}"),
+        }
+        let busy = PoolError::WaitTimeout {
+            addr: Arc::from("h:1"),
+            waited: Duration::from_secs(2),
+            max_size: 3,
+        };
+        assert!(
+            !busy.is_unavailable(),
+            "a busy pool does not start a failover hold"
+        );
+        match refusal(&busy) {
+            Refusal::Proxy(p) => {
+                assert_eq!(p.sqlstate().as_str(), "53300");
+                assert!(
+                    p.message().contains("pool.query_wait_timeout (2000 ms)"),
+                    "{p}"
+                );
+                assert!(p.message().contains("all 3 connections"), "{p}");
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use meridian_shared::config::{PoolMode, ProxyConfig};
 use meridian_sqlroute::{Classifier, FunctionCatalog};
-use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -146,7 +145,7 @@ fn shared() -> Arc<Shared> {
     // The senders are dropped: nothing changes during a test.
     Arc::new(Shared::new(SharedParts {
         config,
-        pools: Arc::new(Pools::new(Counter::default())),
+        pools: Arc::new(Pools::default()),
         topology,
         replicas: ReplicaTable::default(),
         classifier: Classifier::new(64),

@@ -265,6 +265,10 @@ pub struct PoolConfig {
     /// A connection idle for longer than this is checked with a round trip before it is handed out. Default `30s`.
     #[serde(with = "humantime_serde")]
     pub health_check_after: Duration,
+    /// How long a client waits for a server connection when every connection of its pool is
+    /// in use (PgBouncer's `query_wait_timeout`); then it gets 53300. Default `120s`.
+    #[serde(with = "humantime_serde")]
+    pub query_wait_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -276,6 +280,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(5),
             health_check_after: Duration::from_secs(30),
+            query_wait_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -478,6 +483,14 @@ impl ProxyConfig {
         if self.pool.max_size == 0 {
             return Err(ConfigError::invalid("pool.max_size", "must be at least 1"));
         }
+        if self.pool.query_wait_timeout.is_zero()
+            || self.pool.query_wait_timeout > Duration::from_secs(24 * 3600)
+        {
+            return Err(ConfigError::invalid(
+                "pool.query_wait_timeout",
+                "must be greater than 0 and at most 24h",
+            ));
+        }
         if self.pool.min_size > self.pool.max_size {
             return Err(ConfigError::invalid(
                 "pool.min_size",
@@ -666,6 +679,26 @@ mod tests {
             let c: ProxyConfig = toml::from_str(&format!("auth = \"trust\"\n{extra}\n")).unwrap();
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn query_wait_timeout_parses_and_bad_values_name_their_key() {
+        assert_eq!(
+            ProxyConfig::default().pool.query_wait_timeout,
+            Duration::from_secs(120)
+        );
+        let c: ProxyConfig =
+            toml::from_str("auth = \"trust\"\n[pool]\nquery_wait_timeout = \"2s\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.pool.query_wait_timeout, Duration::from_secs(2));
+        for bad in ["0s", "25h"] {
+            let c: ProxyConfig = toml::from_str(&format!(
+                "auth = \"trust\"\n[pool]\nquery_wait_timeout = \"{bad}\"\n"
+            ))
+            .unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("pool.query_wait_timeout"), "{bad}: {err}");
         }
     }
 
