@@ -277,7 +277,7 @@ cached_is() {
     && awk -v a="$(proxy_metric eu-west "$HITS")" -v b="$2" 'BEGIN { exit !(a > b) }'
 }
 expect "eu-west reads '$TOKEN-v1' and its proxy counts cache hits (the entry lives in redis-eu-west)"
-wait_until 30 "a cache hit on '$TOKEN-v1' in eu-west" cached_is "$TOKEN-v1" "$HITS_BEFORE" \
+wait_until 60 "a cache hit on '$TOKEN-v1' in eu-west" cached_is "$TOKEN-v1" "$HITS_BEFORE" \
   || fail "no cache hit in eu-west (hits $(proxy_metric eu-west "$HITS"), was $HITS_BEFORE; lagging lookups $(proxy_metric eu-west 'cache_lookups_total{outcome="lagging"}'), misses $(proxy_metric eu-west 'cache_lookups_total{outcome="miss"}'))"
 ok "cache hits in eu-west: $(proxy_metric eu-west "$HITS")"
 upsert "$TOKEN-v2" || fail "second upsert failed"

@@ -48,6 +48,14 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
+    // txid_current() is `stable` in pg_proc but assigns a transaction id: primary (on the
+    // replica it fails with 25006).
+    let xid: i64 = c
+        .query_one("SELECT txid_current()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(xid > 0);
 
     // A read-write transaction stays on the primary from BEGIN to COMMIT.
     c.batch_execute("BEGIN").await.unwrap();

@@ -5,7 +5,8 @@
 //! sound test for "does not write". Volatile functions are unsafe by default (`nextval`,
 //! `set_config`, `pg_advisory_lock`, any plpgsql function left at the default volatility), except
 //! for a short built-in list of volatile functions that only read or wait ([`VOLATILE_READ_SAFE`])
-//! and names the operator adds with [`FunctionCatalog::add_read_safe`]. SQL constructs that look
+//! and names the operator adds with [`FunctionCatalog::add_read_safe`]; two stable functions that
+//! assign a transaction id ([`STABLE_PRIMARY_ONLY`]) never run there. SQL constructs that look
 //! like calls but are not in `pg_proc` (`coalesce`, `current_user`, ...) are always safe.
 //!
 //! Limits: functions are known by name only (the last path component), so the catalog keeps the
@@ -60,6 +61,10 @@ pub const VOLATILE_READ_SAFE: &[&str] = &[
     "pg_get_wal_replay_pause_state",
     "pg_stat_get_activity",
 ];
+
+/// Functions marked `stable` that still cannot run on a hot standby: they assign the
+/// transaction an id ("cannot execute txid_current() during recovery"). Never read-safe.
+pub const STABLE_PRIMARY_ONLY: &[&str] = &["txid_current", "pg_current_xact_id"];
 
 /// SQL syntax that the parser reports as a function call but that is not a `pg_proc` function,
 /// so the catalog never lists it. All of it is read-only.
@@ -351,10 +356,13 @@ impl FunctionCatalog {
         self.volatility.is_empty()
     }
 
-    /// May a call to `name` run on a replica? Immutable or stable functions, SQL syntax that looks
-    /// like a call, the built-in allow-list of read-only volatile functions, and names added by
-    /// the operator; unknown names are not safe.
+    /// May a call to `name` run on a replica? Immutable or stable functions (but not
+    /// [`STABLE_PRIMARY_ONLY`]), SQL syntax that looks like a call, the built-in allow-list of
+    /// read-only volatile functions, and names added by the operator; unknown names are not safe.
     pub fn is_read_safe(&self, name: &str) -> bool {
+        if STABLE_PRIMARY_ONLY.contains(&name) {
+            return false;
+        }
         SQL_SYNTAX_FUNCTIONS.contains(&name)
             || VOLATILE_READ_SAFE.contains(&name)
             || self.extra_read_safe.contains(name)
@@ -436,6 +444,23 @@ mod tests {
         ] {
             assert!(!cat.is_read_safe(f), "{f}");
         }
+    }
+
+    #[test]
+    fn stable_functions_that_assign_a_transaction_id_go_to_the_primary() {
+        let mut cat = FunctionCatalog::from_rows([
+            ("txid_current".to_owned(), 's'),
+            ("pg_current_xact_id".to_owned(), 's'),
+            ("txid_current_snapshot".to_owned(), 's'),
+        ]);
+        assert!(!cat.is_read_safe("txid_current"));
+        assert!(!cat.is_read_safe("pg_current_xact_id"));
+        assert!(cat.is_read_safe("txid_current_snapshot"));
+        cat.add_read_safe(["txid_current".to_owned()]);
+        assert!(
+            !cat.is_read_safe("txid_current"),
+            "fails on a standby whatever the config"
+        );
     }
 
     #[test]
