@@ -13,6 +13,7 @@
 
 pub mod containers;
 pub mod etcd;
+pub mod nemesis;
 pub mod pg_cluster;
 pub mod probe;
 

@@ -1,0 +1,344 @@
+//! The history checker (pure): what was lost, what was seen that should not have been, and
+//! how long writes were unavailable around each fault.
+//!
+//! - **Lost:** an insert acknowledged to its client whose id is not in the final log.
+//! - **Failed but applied:** an insert that got a definite error (not class 08/57, not a
+//!   timeout) whose id is in the final log.
+//! - **Phantom:** an id in the final log that no client ever tried to insert.
+//! - **Stale-epoch acknowledgement:** an insert acknowledged by a node of epoch `e` although
+//!   an insert of a newer epoch had been acknowledged before it started (in real time):
+//!   a replaced primary accepted a write after its successor served one.
+//! - **Bank:** every read of the total (one statement, one snapshot, wherever it ran) and the
+//!   final total equal the initial total; transfers move money, never make or lose it.
+//! - **Unavailability:** per fault, the longest time within its window (start to converged)
+//!   without an acknowledged write.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::history::{Kind, Op, Outcome};
+
+/// The database at the end, read from the converged primary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Final {
+    pub log_ids: BTreeSet<i64>,
+    pub bank_total: i64,
+}
+
+/// A fault's window in the history's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start_ms: u64,
+    pub end_ms: u64,
+}
+
+/// The verdicts of one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verdicts {
+    pub acked_inserts: usize,
+    /// Acknowledged inserts by the epoch of the node that committed them (`None`: the
+    /// node carried none, which makes the stale-epoch check blind for that write).
+    pub acked_by_epoch: BTreeMap<Option<u64>, usize>,
+    pub indeterminate_inserts: usize,
+    pub lost: Vec<i64>,
+    pub failed_but_applied: Vec<i64>,
+    pub phantom: Vec<i64>,
+    /// `(id, its epoch, the newer epoch acknowledged before it started)`.
+    pub stale_epoch_acks: Vec<(i64, u64, u64)>,
+    pub total_reads: usize,
+    /// Totals read that differ from the expected one.
+    pub bad_totals: Vec<i64>,
+    pub final_total: i64,
+    pub expected_total: i64,
+    /// Per window given, the longest stretch without an acknowledged write (ms).
+    pub unavailable_ms: Vec<u64>,
+}
+
+impl Verdicts {
+    /// Every violated property, as sentences (empty: the run is clean).
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if !self.lost.is_empty() {
+            v.push(format!(
+                "{} acknowledged inserts lost: {:?}",
+                self.lost.len(),
+                first(&self.lost)
+            ));
+        }
+        if !self.failed_but_applied.is_empty() {
+            v.push(format!(
+                "{} inserts reported failed were applied: {:?}",
+                self.failed_but_applied.len(),
+                first(&self.failed_but_applied)
+            ));
+        }
+        if !self.phantom.is_empty() {
+            v.push(format!(
+                "phantom ids in the log: {:?}",
+                first(&self.phantom)
+            ));
+        }
+        if !self.stale_epoch_acks.is_empty() {
+            v.push(format!(
+                "{} writes acknowledged by a replaced primary: {:?}",
+                self.stale_epoch_acks.len(),
+                first(&self.stale_epoch_acks)
+            ));
+        }
+        if let Some(n) = self.acked_by_epoch.get(&None) {
+            v.push(format!(
+                "{n} inserts were acknowledged by a node without meridian.epoch"
+            ));
+        }
+        if !self.bad_totals.is_empty() {
+            v.push(format!(
+                "{} bank reads saw a total other than {}: {:?}",
+                self.bad_totals.len(),
+                self.expected_total,
+                first(&self.bad_totals)
+            ));
+        }
+        if self.final_total != self.expected_total {
+            v.push(format!(
+                "the final bank total is {}, not {}",
+                self.final_total, self.expected_total
+            ));
+        }
+        v
+    }
+}
+
+fn first<T: Clone>(v: &[T]) -> Vec<T> {
+    v.iter().take(10).cloned().collect()
+}
+
+/// Checks `history` against the final state; `windows`: the faults' windows.
+pub fn check(history: &[Op], fin: &Final, expected_total: i64, windows: &[Window]) -> Verdicts {
+    let mut verdicts = Verdicts {
+        final_total: fin.bank_total,
+        expected_total,
+        ..Verdicts::default()
+    };
+    let mut attempted = BTreeSet::new();
+    // (start, end, id, epoch) of acknowledged inserts.
+    let mut acked: Vec<(u64, u64, i64, Option<u64>)> = Vec::new();
+    for op in history {
+        match (&op.kind, &op.outcome) {
+            (Kind::Insert { id }, outcome) => {
+                attempted.insert(*id);
+                match outcome {
+                    Outcome::Ok { epoch, .. } => {
+                        verdicts.acked_inserts += 1;
+                        *verdicts.acked_by_epoch.entry(*epoch).or_default() += 1;
+                        acked.push((op.start_ms, op.end_ms, *id, *epoch));
+                        if !fin.log_ids.contains(id) {
+                            verdicts.lost.push(*id);
+                        }
+                    }
+                    Outcome::Fail { .. } => {
+                        if fin.log_ids.contains(id) {
+                            verdicts.failed_but_applied.push(*id);
+                        }
+                    }
+                    Outcome::Unknown { .. } => verdicts.indeterminate_inserts += 1,
+                }
+            }
+            (Kind::ReadTotal, Outcome::Ok { value, .. }) => {
+                verdicts.total_reads += 1;
+                if *value != Some(expected_total) {
+                    verdicts.bad_totals.push(value.unwrap_or(i64::MIN));
+                }
+            }
+            _ => {}
+        }
+    }
+    verdicts.phantom = fin.log_ids.difference(&attempted).copied().collect();
+    verdicts.stale_epoch_acks = stale_epoch_acks(&acked);
+    let mut ends: Vec<u64> = acked.iter().map(|a| a.1).collect();
+    ends.sort_unstable();
+    verdicts.unavailable_ms = windows.iter().map(|w| longest_gap(&ends, *w)).collect();
+    verdicts
+}
+
+/// Acknowledged inserts whose epoch is older than that of an insert acknowledged before
+/// they started.
+fn stale_epoch_acks(acked: &[(u64, u64, i64, Option<u64>)]) -> Vec<(i64, u64, u64)> {
+    let mut by_end: Vec<(u64, u64)> = acked
+        .iter()
+        .filter_map(|(_, end, _, e)| e.map(|e| (*end, e)))
+        .collect();
+    by_end.sort_unstable();
+    let mut by_start: Vec<&(u64, u64, i64, Option<u64>)> = acked.iter().collect();
+    by_start.sort_unstable_by_key(|a| a.0);
+    let mut out = Vec::new();
+    let mut newest = 0u64;
+    let mut i = 0;
+    for (start, _, id, epoch) in by_start {
+        while i < by_end.len() && by_end[i].0 < *start {
+            newest = newest.max(by_end[i].1);
+            i += 1;
+        }
+        if let Some(e) = epoch {
+            if *e < newest {
+                out.push((*id, *e, newest));
+            }
+        }
+    }
+    out
+}
+
+/// The longest stretch of `w` without one of the sorted `ends`.
+fn longest_gap(ends: &[u64], w: Window) -> u64 {
+    let mut last = w.start_ms;
+    let mut longest = 0;
+    for &e in ends.iter().filter(|e| **e > w.start_ms && **e <= w.end_ms) {
+        longest = longest.max(e - last);
+        last = e;
+    }
+    longest.max(w.end_ms.saturating_sub(last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insert(id: i64, start: u64, end: u64, outcome: Outcome) -> Op {
+        Op {
+            client: "c".into(),
+            start_ms: start,
+            end_ms: end,
+            kind: Kind::Insert { id },
+            outcome,
+        }
+    }
+
+    fn ok(epoch: u64) -> Outcome {
+        Outcome::Ok {
+            epoch: Some(epoch),
+            value: None,
+        }
+    }
+
+    fn total(value: i64) -> Op {
+        Op {
+            client: "r".into(),
+            start_ms: 0,
+            end_ms: 1,
+            kind: Kind::ReadTotal,
+            outcome: Outcome::Ok {
+                epoch: None,
+                value: Some(value),
+            },
+        }
+    }
+
+    fn fin(ids: &[i64], total: i64) -> Final {
+        Final {
+            log_ids: ids.iter().copied().collect(),
+            bank_total: total,
+        }
+    }
+
+    #[test]
+    fn a_clean_history_has_no_violation() {
+        let h = vec![
+            insert(1, 0, 10, ok(1)),
+            insert(2, 20, 30, ok(2)),
+            insert(
+                3,
+                25,
+                40,
+                Outcome::Unknown {
+                    error: "closed".into(),
+                },
+            ),
+            insert(
+                4,
+                50,
+                60,
+                Outcome::Fail {
+                    code: "40001".into(),
+                },
+            ),
+            total(100),
+        ];
+        // The indeterminate id 3 may or may not be there.
+        for ids in [&[1, 2][..], &[1, 2, 3][..]] {
+            let v = check(&h, &fin(ids, 100), 100, &[]);
+            assert!(v.violations().is_empty(), "{:?}", v.violations());
+            assert_eq!((v.acked_inserts, v.indeterminate_inserts), (2, 1));
+            assert_eq!(v.acked_by_epoch.get(&Some(2)), Some(&1));
+        }
+    }
+
+    #[test]
+    fn each_violation_is_found() {
+        let h = vec![
+            insert(1, 0, 10, ok(1)),
+            insert(2, 20, 30, ok(2)),
+            insert(
+                4,
+                50,
+                60,
+                Outcome::Fail {
+                    code: "40001".into(),
+                },
+            ),
+            // Started after an epoch-2 ack ended, acknowledged by epoch 1.
+            insert(5, 31, 35, ok(1)),
+            total(100),
+            total(90),
+        ];
+        let v = check(&h, &fin(&[2, 4, 5, 99], 95), 100, &[]);
+        assert_eq!(v.lost, vec![1]);
+        assert_eq!(v.failed_but_applied, vec![4]);
+        assert_eq!(v.phantom, vec![99]);
+        assert_eq!(v.stale_epoch_acks, vec![(5, 1, 2)]);
+        assert_eq!(v.bad_totals, vec![90]);
+        assert_eq!(v.violations().len(), 6, "{:?}", v.violations());
+        let blind = vec![insert(
+            1,
+            0,
+            10,
+            Outcome::Ok {
+                epoch: None,
+                value: None,
+            },
+        )];
+        let v = check(&blind, &fin(&[1], 0), 0, &[]);
+        assert_eq!(v.violations().len(), 1, "{:?}", v.violations());
+    }
+
+    #[test]
+    fn overlapping_writes_of_two_epochs_are_not_a_violation() {
+        // Started before the newer epoch's ack ended: concurrent, either order is fine.
+        let h = vec![insert(1, 0, 30, ok(2)), insert(2, 10, 40, ok(1))];
+        assert!(check(&h, &fin(&[1, 2], 0), 0, &[])
+            .stale_epoch_acks
+            .is_empty());
+    }
+
+    #[test]
+    fn unavailability_is_the_longest_stretch_without_an_ack_in_the_window() {
+        let h: Vec<Op> = [5, 10, 400, 420, 1500]
+            .iter()
+            .enumerate()
+            .map(|(i, end)| insert(i as i64, end - 1, *end, ok(1)))
+            .collect();
+        let v = check(
+            &h,
+            &fin(&[0, 1, 2, 3, 4], 0),
+            0,
+            &[
+                Window {
+                    start_ms: 0,
+                    end_ms: 1000,
+                },
+                Window {
+                    start_ms: 1400,
+                    end_ms: 2000,
+                },
+            ],
+        );
+        assert_eq!(v.unavailable_ms, vec![580, 500]);
+    }
+}

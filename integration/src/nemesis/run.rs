@@ -1,0 +1,400 @@
+//! Carries a schedule out against a [`LocalCluster`] while a workload runs through every
+//! region's proxy, then heals, waits for the cluster to converge and reads the final state.
+//!
+//! The workload, per region: a log writer (inserts of unique ids, each acknowledgement
+//! recording the `meridian.epoch` of the node that committed it), a bank client (transfers
+//! between random accounts in one transaction) and a bank reader (the total, in one
+//! statement). Every client reconnects after an error; each operation is bounded by
+//! [`OP_TIMEOUT`] (running out is an indeterminate outcome).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use meridian_launcher::process::signal;
+use meridian_launcher::{connect, LocalCluster};
+use nix::sys::signal::Signal;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::check::{Final, Window};
+use super::history::{indeterminate, Kind, Op, Outcome};
+use super::schedule::{Fault, Step};
+
+/// Longest one operation may take before it counts as indeterminate.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Accounts of the bank and what each starts with.
+pub const ACCOUNTS: i32 = 5;
+pub const START_BALANCE: i64 = 200;
+/// How long the cluster may take to converge after a fault is healed.
+pub const CONVERGE_WITHIN: Duration = Duration::from_secs(90);
+
+/// The bank's total, which no transfer changes.
+pub fn expected_total() -> i64 {
+    i64::from(ACCOUNTS) * START_BALANCE
+}
+
+/// Creates the workload's tables through `dsn` (the primary's region proxy).
+pub async fn setup(dsn: &str) -> anyhow::Result<()> {
+    let c = connect(dsn).await?;
+    c.batch_execute(&format!(
+        "CREATE TABLE nemesis_log (id bigint PRIMARY KEY);
+         CREATE TABLE nemesis_bank (id int PRIMARY KEY, balance bigint NOT NULL);
+         INSERT INTO nemesis_bank SELECT g, {START_BALANCE} FROM generate_series(1, {ACCOUNTS}) g;"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// The running workload.
+pub struct Workload {
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+    ops: Arc<Mutex<Vec<Op>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Log,
+    Bank,
+    Reader,
+}
+
+impl Workload {
+    /// Starts three clients per region; ids of region `i` start at `(i + 1) * 10^9 + id_base`.
+    pub fn start(cluster: &LocalCluster, id_base: i64, t0: Instant) -> anyhow::Result<Workload> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ops = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, region) in cluster.spec.regions.iter().enumerate() {
+            let dsn = cluster.proxy(region)?.dsn();
+            for (role, name) in [
+                (Role::Log, "log"),
+                (Role::Bank, "bank"),
+                (Role::Reader, "reader"),
+            ] {
+                let first_id = (i as i64 + 1) * 1_000_000_000 + id_base;
+                tasks.push(tokio::spawn(client(
+                    format!("{region}/{name}"),
+                    dsn.clone(),
+                    role,
+                    first_id,
+                    t0,
+                    stop.clone(),
+                    ops.clone(),
+                )));
+            }
+        }
+        Ok(Workload {
+            t0,
+            stop,
+            ops,
+            tasks,
+        })
+    }
+
+    /// Milliseconds since the run started (the history's clock).
+    pub fn now_ms(&self) -> u64 {
+        ms_since(self.t0)
+    }
+
+    /// Acknowledged inserts so far.
+    pub fn acked_inserts(&self) -> usize {
+        self.ops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|o| {
+                matches!(
+                    (&o.kind, &o.outcome),
+                    (Kind::Insert { .. }, Outcome::Ok { .. })
+                )
+            })
+            .count()
+    }
+
+    /// Stops every client (operations in flight finish or time out) and returns the history.
+    pub async fn stop(self) -> Vec<Op> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let mut ops = std::mem::take(&mut *self.ops.lock().unwrap_or_else(|e| e.into_inner()));
+        ops.sort_by_key(|o| (o.start_ms, o.end_ms));
+        ops
+    }
+}
+
+fn ms_since(t0: Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn client(
+    name: String,
+    dsn: String,
+    role: Role,
+    first_id: i64,
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+    ops: Arc<Mutex<Vec<Op>>>,
+) {
+    let mut conn: Option<Client> = None;
+    let mut next_id = first_id;
+    while !stop.load(Ordering::SeqCst) {
+        if conn.is_none() {
+            match tokio::time::timeout(Duration::from_secs(5), connect(&dsn)).await {
+                Ok(Ok(c)) => conn = Some(c),
+                _ => {
+                    // Pacing of reconnect attempts, not a wait on a condition.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_ref() else { continue };
+        let (kind, sql) = match role {
+            Role::Log => {
+                next_id += 1;
+                (
+                    Kind::Insert { id: next_id },
+                    format!(
+                        "INSERT INTO nemesis_log (id) VALUES ({next_id}) \
+                         RETURNING current_setting('meridian.epoch', true)"
+                    ),
+                )
+            }
+            Role::Bank => {
+                let from = rand::random_range(1..=ACCOUNTS);
+                let to = (from % ACCOUNTS) + 1;
+                let amount = rand::random_range(1..=10i64);
+                (
+                    Kind::Transfer { from, to, amount },
+                    format!(
+                        "BEGIN; UPDATE nemesis_bank SET balance = balance - {amount} WHERE id = {from}; \
+                         UPDATE nemesis_bank SET balance = balance + {amount} WHERE id = {to}; COMMIT"
+                    ),
+                )
+            }
+            Role::Reader => (
+                Kind::ReadTotal,
+                "SELECT sum(balance)::bigint FROM nemesis_bank".to_owned(),
+            ),
+        };
+        let start_ms = ms_since(t0);
+        let result = tokio::time::timeout(OP_TIMEOUT, c.simple_query(&sql)).await;
+        let end_ms = ms_since(t0);
+        let outcome = match result {
+            Ok(Ok(messages)) => {
+                let first = first_value(&messages);
+                match kind {
+                    Kind::Insert { .. } => Outcome::Ok {
+                        epoch: first.and_then(|v| v.parse().ok()),
+                        value: None,
+                    },
+                    Kind::ReadTotal => Outcome::Ok {
+                        epoch: None,
+                        value: first.and_then(|v| v.parse().ok()),
+                    },
+                    Kind::Transfer { .. } => Outcome::Ok {
+                        epoch: None,
+                        value: None,
+                    },
+                }
+            }
+            Ok(Err(e)) => {
+                let code = e.as_db_error().map(|d| d.code().code().to_owned());
+                if c.is_closed() || code.is_none() || indeterminate(code.as_deref()) {
+                    conn = None;
+                }
+                if indeterminate(code.as_deref()) {
+                    Outcome::Unknown {
+                        error: e.to_string(),
+                    }
+                } else {
+                    Outcome::Fail {
+                        code: code.unwrap_or_default(),
+                    }
+                }
+            }
+            Err(_) => {
+                conn = None;
+                Outcome::Unknown {
+                    error: format!("no answer within {OP_TIMEOUT:?}"),
+                }
+            }
+        };
+        ops.lock().unwrap_or_else(|e| e.into_inner()).push(Op {
+            client: name.clone(),
+            start_ms,
+            end_ms,
+            kind,
+            outcome,
+        });
+        // Pacing of the workload, not a wait on a condition.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn first_value(messages: &[SimpleQueryMessage]) -> Option<&str> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => r.get(0),
+        _ => None,
+    })
+}
+
+/// What happened to one step: when its fault started and when the cluster had converged
+/// after it (the history's clock), and what it hit.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub step: Step,
+    pub target: String,
+    pub window: Window,
+}
+
+/// Waits `step.quiet`, applies the fault to whoever holds the role, holds it, heals, and
+/// waits until the cluster converged again.
+pub async fn apply(
+    cluster: &mut LocalCluster,
+    step: &Step,
+    workload: &Workload,
+) -> anyhow::Result<Applied> {
+    // Pacing: workload without faults between two steps.
+    tokio::time::sleep(step.quiet).await;
+    let leader = cluster
+        .leader()
+        .await?
+        .context("no leader before the fault")?;
+    let start_ms = workload.now_ms();
+    let target = match step.fault {
+        Fault::KillPrimaryPostmaster => {
+            cluster.kill_postmaster(&leader.node)?;
+            leader.node.clone()
+        }
+        Fault::KillPrimaryAgent => {
+            cluster.kill_agent(&leader.node).await?;
+            tokio::time::sleep(step.hold).await;
+            cluster.start_agent(&leader.node)?;
+            leader.node.clone()
+        }
+        Fault::PausePrimaryAgent => {
+            let pid = cluster
+                .node(&leader.node)?
+                .agent_pid()
+                .context("the primary's agent is not running")?;
+            signal(pid, Signal::SIGSTOP);
+            tokio::time::sleep(step.hold).await;
+            signal(pid, Signal::SIGCONT);
+            leader.node.clone()
+        }
+        Fault::PartitionPrimary => {
+            cluster.node(&leader.node)?.partition();
+            tokio::time::sleep(step.hold).await;
+            cluster.node(&leader.node)?.heal();
+            leader.node.clone()
+        }
+        Fault::KillActiveCoordinator => {
+            let active = cluster.active_coordinator().await?.name;
+            cluster.kill_coordinator(&active).await?;
+            tokio::time::sleep(step.hold).await;
+            cluster.restart_coordinator(&active)?;
+            active
+        }
+        Fault::PauseCoordinators => {
+            cluster.pause_coordinators();
+            tokio::time::sleep(step.hold).await;
+            cluster.resume_coordinators();
+            "every coordinator".to_owned()
+        }
+        Fault::StopRedis => {
+            let region = cluster.spec.regions[step.region % cluster.spec.regions.len()].clone();
+            cluster.stop_redis(&region).await?;
+            tokio::time::sleep(step.hold).await;
+            cluster.start_redis(&region).await?;
+            format!("redis-{region}")
+        }
+    };
+    converge(cluster, workload)
+        .await
+        .with_context(|| format!("converging after {} of {target}", step.fault.name()))?;
+    Ok(Applied {
+        step: step.clone(),
+        target,
+        window: Window {
+            start_ms,
+            end_ms: workload.now_ms(),
+        },
+    })
+}
+
+/// Waits until a serving leader has every other node streaming (the leader is read again
+/// on every attempt: right after a fault the record may still name the failed primary) and
+/// the workload has acknowledged writes again.
+pub async fn converge(cluster: &LocalCluster, workload: &Workload) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CONVERGE_WITHIN;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    meridian_launcher::wait::eventually(
+        left(),
+        "a serving leader with every other node streaming",
+        || async {
+            let leader = cluster.leader().await?.context("no leader")?;
+            anyhow::ensure!(
+                leader.is_serving(),
+                "the leader {} is not serving",
+                leader.node
+            );
+            for node in &cluster.nodes {
+                if node.name != leader.node {
+                    let status = receiver_status(&node.direct_dsn("postgres")).await?;
+                    anyhow::ensure!(
+                        status.as_deref() == Some("streaming"),
+                        "{} (leader {}): WAL receiver {status:?}",
+                        node.name,
+                        leader.node
+                    );
+                }
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    let acked = workload.acked_inserts();
+    meridian_launcher::wait::eventually(left(), "writes acknowledged again", || async {
+        anyhow::ensure!(workload.acked_inserts() > acked + 3);
+        Ok(())
+    })
+    .await
+}
+
+/// `pg_stat_wal_receiver.status` of the node at `dsn`, in one bounded attempt.
+async fn receiver_status(dsn: &str) -> anyhow::Result<Option<String>> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let c = connect(dsn).await?;
+        let row = c
+            .query_opt("SELECT status FROM pg_stat_wal_receiver", &[])
+            .await?;
+        anyhow::Ok(row.map(|r| r.get::<_, String>(0)))
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer within 5 s"))?
+}
+
+/// The final log and bank total, read on the converged primary directly.
+pub async fn final_state(cluster: &LocalCluster) -> anyhow::Result<Final> {
+    let leader = cluster.leader().await?.context("no leader at the end")?;
+    let c = connect(&cluster.node(&leader.node)?.direct_dsn("app")).await?;
+    let log_ids = c
+        .query("SELECT id FROM nemesis_log", &[])
+        .await?
+        .iter()
+        .map(|r| r.get::<_, i64>(0))
+        .collect();
+    let bank_total: i64 = c
+        .query_one("SELECT sum(balance)::bigint FROM nemesis_bank", &[])
+        .await?
+        .get(0);
+    Ok(Final {
+        log_ids,
+        bank_total,
+    })
+}
