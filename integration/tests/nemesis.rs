@@ -10,9 +10,7 @@
 //! the test command is reproducible); the history is written as JSON lines next to the
 //! cluster's logs and its path printed.
 
-use std::time::Instant;
-
-use meridian_integration::nemesis::{check, history, run, schedule};
+use meridian_integration::nemesis::run;
 use meridian_launcher::{ClusterSpec, LocalCluster};
 use meridian_shared::records::{ClusterConfig, SyncMode};
 
@@ -55,60 +53,29 @@ async fn scenario(
     seed: u64,
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    run::setup(&cluster.proxy(REGIONS[0])?.dsn()).await?;
-    let t0 = Instant::now();
-    let workload = run::Workload::start(cluster, 0, t0)?;
-    run::converge(cluster, &workload).await?;
-    let mut applied = Vec::new();
-    let mut failure = None;
-    'schedules: for i in 0..SCHEDULES {
-        let steps = schedule::schedule(seed + i, STEPS, &[], REGIONS.len());
-        eprintln!("nemesis: seed {} schedule {steps:?}", seed + i);
-        for step in &steps {
-            match run::apply(cluster, step, &workload).await {
-                Ok(a) => {
-                    eprintln!(
-                        "nemesis: {} of {} for {:?}: window {} ms",
-                        a.step.fault.name(),
-                        a.target,
-                        a.step.hold,
-                        a.window.end_ms - a.window.start_ms
-                    );
-                    applied.push(a);
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break 'schedules;
-                }
-            }
-        }
-    }
-    let ops = workload.stop().await;
     let path = dir.join("history.jsonl");
-    std::fs::write(&path, history::to_json_lines(&ops))?;
-    eprintln!(
-        "nemesis: {} operations, history in {}",
-        ops.len(),
-        path.display()
-    );
-    if let Some(e) = failure {
-        return Err(e.context(format!("seed {seed}")));
-    }
-    let fin = run::final_state(cluster).await?;
-    let windows: Vec<check::Window> = applied.iter().map(|a| a.window).collect();
-    let verdicts = check::check(&ops, &fin, run::expected_total(), &windows);
-    for (a, ms) in applied.iter().zip(&verdicts.unavailable_ms) {
+    eprintln!("nemesis: seed {seed}, history in {}", path.display());
+    let report = run::run_seeds(cluster, seed, SCHEDULES, STEPS, &[], &path).await?;
+    let verdicts = &report.verdicts;
+    for (a, ms) in report.applied.iter().zip(&verdicts.unavailable_ms) {
         eprintln!(
-            "nemesis: {:<28} longest stretch without an acknowledged write {ms} ms",
-            a.step.fault.name()
+            "nemesis: {:<28} of {:<10} for {:>5} ms: longest stretch without an acknowledged write {ms} ms",
+            a.step.fault.name(),
+            a.target,
+            a.step.hold.as_millis()
         );
     }
     eprintln!(
-        "nemesis: {} inserts acknowledged (by epoch: {:?}), {} indeterminate, {} bank totals read",
+        "nemesis: {} operations; {} inserts acknowledged (by epoch: {:?}), {} indeterminate; {} bank totals read",
+        report.history.len(),
         verdicts.acked_inserts,
         verdicts.acked_by_epoch,
         verdicts.indeterminate_inserts,
         verdicts.total_reads
+    );
+    anyhow::ensure!(
+        report.applied.len() == SCHEDULES as usize * STEPS,
+        "not every fault was applied"
     );
     anyhow::ensure!(verdicts.acked_inserts > 0, "no insert was acknowledged");
     anyhow::ensure!(verdicts.total_reads > 0, "no bank total was read");

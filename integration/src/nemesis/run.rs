@@ -17,9 +17,9 @@ use meridian_launcher::{connect, LocalCluster};
 use nix::sys::signal::Signal;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use super::check::{Final, Window};
-use super::history::{indeterminate, Kind, Op, Outcome};
-use super::schedule::{Fault, Step};
+use super::check::{self, Final, Verdicts, Window};
+use super::history::{self, indeterminate, Kind, Op, Outcome};
+use super::schedule::{self, Fault, Step};
 
 /// Longest one operation may take before it counts as indeterminate.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -396,5 +396,68 @@ pub async fn final_state(cluster: &LocalCluster) -> anyhow::Result<Final> {
     Ok(Final {
         log_ids,
         bank_total,
+    })
+}
+
+/// What a run gave: the faults as applied, the history and the verdicts.
+pub struct Report {
+    pub applied: Vec<Applied>,
+    pub history: Vec<Op>,
+    pub verdicts: Verdicts,
+}
+
+/// A whole run on a started cluster: the workload's tables, then `schedules` schedules of
+/// `steps` faults from seeds `seed`, `seed + 1`, ... (kinds from `kinds`, all when empty),
+/// each fault healed and converged before the next; the history is written to
+/// `history_path` (also when a step fails: the error names the step).
+pub async fn run_seeds(
+    cluster: &mut LocalCluster,
+    seed: u64,
+    schedules: u64,
+    steps: usize,
+    kinds: &[Fault],
+    history_path: &std::path::Path,
+) -> anyhow::Result<Report> {
+    let first_region = cluster.spec.regions.first().context("no region")?.clone();
+    setup(&cluster.proxy(&first_region)?.dsn()).await?;
+    let workload = Workload::start(cluster, 0, Instant::now())?;
+    converge(cluster, &workload).await?;
+    let mut applied = Vec::new();
+    let mut failure = None;
+    'schedules: for i in 0..schedules {
+        let plan = schedule::schedule(seed + i, steps, kinds, cluster.spec.regions.len());
+        tracing::info!(seed = seed + i, ?plan, "nemesis schedule");
+        for step in &plan {
+            match apply(cluster, step, &workload).await {
+                Ok(a) => {
+                    tracing::info!(
+                        fault = a.step.fault.name(),
+                        target = %a.target,
+                        hold = ?a.step.hold,
+                        window_ms = a.window.end_ms - a.window.start_ms,
+                        "nemesis fault healed and converged"
+                    );
+                    applied.push(a);
+                }
+                Err(e) => {
+                    failure = Some(e.context(format!("seed {}", seed + i)));
+                    break 'schedules;
+                }
+            }
+        }
+    }
+    let ops = workload.stop().await;
+    std::fs::write(history_path, history::to_json_lines(&ops))
+        .with_context(|| format!("writing {}", history_path.display()))?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let fin = final_state(cluster).await?;
+    let windows: Vec<Window> = applied.iter().map(|a| a.window).collect();
+    let verdicts = check::check(&ops, &fin, expected_total(), &windows);
+    Ok(Report {
+        applied,
+        history: ops,
+        verdicts,
     })
 }
