@@ -79,7 +79,7 @@ async fn scenario(
     );
     anyhow::ensure!(verdicts.acked_inserts > 0, "no insert was acknowledged");
     anyhow::ensure!(verdicts.total_reads > 0, "no bank total was read");
-    let violations = verdicts.violations();
+    let violations = verdicts.violations(true);
     anyhow::ensure!(
         violations.is_empty(),
         "seed {seed}: {}",
