@@ -6,6 +6,7 @@ pub mod cache_keys;
 pub mod config;
 pub mod envelope;
 pub mod epoch;
+pub mod failsafe;
 pub mod flag_file;
 pub mod keys;
 pub mod lsn;
