@@ -98,6 +98,16 @@ pub struct Args {
     /// PostgreSQL (immediate) before the lease can expire.
     #[arg(long, env = "MERIDIAN_AGENT_FENCE_MARGIN", default_value = "1s")]
     pub fence_margin: humantime::Duration,
+    /// Failsafe: a primary that lost etcd keeps serving while every replica
+    /// confirms it over replication (docs/control-path.md, "Failsafe"); `false`
+    /// stops it at the fence margin, as without etcd nothing can be confirmed.
+    #[arg(
+        long,
+        env = "MERIDIAN_AGENT_FAILSAFE",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub failsafe: bool,
     /// Heartbeat period (etcd `config.heartbeat_interval` wins when set).
     #[arg(
         long,
@@ -180,6 +190,8 @@ pub struct AgentConfig {
     pub bootstrap: bool,
     pub lease_ttl: Duration,
     pub fence_margin: Duration,
+    /// `--failsafe`.
+    pub failsafe: bool,
     pub heartbeat_interval: Duration,
     pub tags: MemberTags,
     pub http_listen: Option<SocketAddr>,
@@ -284,6 +296,7 @@ impl AgentConfig {
             bootstrap: args.bootstrap,
             lease_ttl,
             fence_margin,
+            failsafe: args.failsafe,
             heartbeat_interval,
             tags: MemberTags {
                 nofailover: args.nofailover,

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use meridian_shared::envelope::{AckResult, CoordMsg};
 use meridian_shared::epoch::Epoch;
+use meridian_shared::failsafe;
 use meridian_shared::keys::Keys;
 use meridian_shared::records::{LeaderRecord, Role};
 use nix::sys::signal::{kill, Signal};
@@ -422,7 +423,9 @@ impl Controller {
 
     async fn execute(&mut self, msg: CoordMsg) -> Result<(), OpError> {
         match msg {
-            CoordMsg::Promote { epoch, .. } => self.promote(epoch).await,
+            CoordMsg::Promote {
+                epoch, old_fenced, ..
+            } => self.promote(epoch, old_fenced).await,
             CoordMsg::Follow {
                 leader,
                 pg_addr,
@@ -440,7 +443,7 @@ impl Controller {
         }
     }
 
-    async fn promote(&mut self, epoch: Epoch) -> Result<(), OpError> {
+    async fn promote(&mut self, epoch: Epoch, old_fenced: bool) -> Result<(), OpError> {
         let _busy = Busy::new(&self.shared);
         self.shared.update(|s| {
             if decide::lifts_fence(s.fenced_at, epoch) {
@@ -463,6 +466,9 @@ impl Controller {
         // A postmaster that is still starting (crash recovery) must answer first.
         self.node.wait_ready(Duration::from_secs(10)).await?;
         if self.node.is_in_recovery().await? {
+            if !old_fenced {
+                self.outwait_failsafe().await?;
+            }
             tracing::info!("pg_promote");
             self.node.promote().await?;
         }
@@ -517,6 +523,55 @@ impl Controller {
             s.following = None;
         });
         tracing::info!(%epoch, "promoted");
+        Ok(())
+    }
+
+    /// Before a standby becomes writable while its old primary may still be
+    /// serving under the failsafe: leave the upstream (no `primary_conninfo`,
+    /// reload, the WAL receiver gone) so this node confirms nothing more, then
+    /// wait until every confirmation it gave has run out
+    /// ([`failsafe::promotion_wait`] from when the receiver last heard).
+    async fn outwait_failsafe(&self) -> Result<(), OpError> {
+        self.node.update_settings(|s| s.standby = None).await?;
+        self.node.reload().await?;
+        let client = self.node.client().await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let rows = client
+                .query(
+                    "SELECT (extract(epoch FROM clock_timestamp() - last_msg_receipt_time) * 1000)::bigint \
+                     FROM pg_stat_wal_receiver WHERE pid IS NOT NULL",
+                    &[],
+                )
+                .await
+                .map_err(|e| other(format!("reading the WAL receiver: {}", pg_message(&e))))?;
+            let now = std::time::Instant::now();
+            let Some(row) = rows.first() else { break };
+            // Still running: it may hear more until it is gone.
+            let ago: Option<i64> = row.get(0);
+            let ago = Duration::from_millis(ago.and_then(|a| u64::try_from(a).ok()).unwrap_or(0));
+            self.shared
+                .heard_upstream(now.checked_sub(ago).unwrap_or(now));
+            if now >= deadline {
+                // A receiver that does not stop: count it as hearing until now.
+                self.shared.heard_upstream(now);
+                tracing::warn!("the WAL receiver did not stop within 2 s");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let wait = failsafe::promotion_wait(
+            std::time::Instant::now(),
+            self.shared.upstream_heard(),
+            false,
+        );
+        if !wait.is_zero() {
+            tracing::info!(
+                wait_ms = wait.as_millis() as u64,
+                "outwaiting the failsafe confirmations this standby gave its old primary"
+            );
+            tokio::time::sleep(wait).await;
+        }
         Ok(())
     }
 
@@ -1031,6 +1086,7 @@ mod tests {
         let (kind, epoch) = kind_and_epoch(&CoordMsg::Promote {
             id: 1,
             epoch: Epoch(4),
+            old_fenced: false,
         });
         assert_eq!((kind, epoch), ("promote", Some(Epoch(4))));
         assert_eq!(

@@ -122,6 +122,18 @@ pub fn must_self_fence(
     running_as_primary && now.saturating_duration_since(last_renewed) >= ttl.saturating_sub(margin)
 }
 
+/// Whether the member lease has missed a renewal (kept alive every `ttl / 3`):
+/// the failsafe check runs from then on.
+pub fn lease_renewal_missed(now: Instant, last_renewed: Instant, ttl: Duration) -> bool {
+    now.saturating_duration_since(last_renewed) > ttl / 3 + Duration::from_millis(100)
+}
+
+/// Whether the failsafe keeps a primary whose lease is late writable at `now`:
+/// every replica confirmed it until `failsafe_until` ([`meridian_shared::failsafe`]).
+pub fn failsafe_holds(now: Instant, failsafe_until: Option<Instant>) -> bool {
+    failsafe_until.is_some_and(|until| now < until)
+}
+
 /// The command-vs-epoch rule: a command whose epoch is lower than the highest the
 /// agent has seen is refused with that epoch (`Ack Stale { current }`).
 pub fn check_command_epoch(command: Epoch, highest_seen: Epoch) -> Result<(), Epoch> {
@@ -403,6 +415,18 @@ mod tests {
         assert!(!must_self_fence(t0, at(5), ttl, margin, true));
         // A margin above the TTL fences at once.
         assert!(must_self_fence(t0, t0, ttl, Duration::from_secs(5), true));
+    }
+
+    #[test]
+    fn the_failsafe_starts_after_a_missed_renewal_and_holds_until_its_deadline() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(3);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert!(!lease_renewal_missed(at(1100), t0, ttl));
+        assert!(lease_renewal_missed(at(1101), t0, ttl));
+        assert!(!failsafe_holds(at(10), None));
+        assert!(failsafe_holds(at(10), Some(at(11))));
+        assert!(!failsafe_holds(at(11), Some(at(11))));
     }
 
     #[test]

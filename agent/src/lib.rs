@@ -24,6 +24,7 @@
 pub mod config;
 pub mod controller;
 pub mod decide;
+pub mod failsafe;
 pub mod http;
 pub mod invalidation;
 pub mod link;
@@ -180,6 +181,11 @@ pub async fn run(
         )
         .instrument(span.clone()),
     );
+    if cfg.failsafe {
+        tasks.push(tokio::spawn(
+            failsafe::run(node.clone(), shared.clone(), cfg.lease_ttl).instrument(span.clone()),
+        ));
+    }
     tasks.push(tokio::spawn(
         member::fence_watchdog(
             node.clone(),

@@ -1,5 +1,5 @@
 //! The agent's etcd side: the member lease and record (`members/<node>`), and
-//! the watch on `leader` and `epoch`.
+//! the watch on `leader`, `epoch` and `members/` (the replicas the failsafe asks).
 //!
 //! The lease is granted with `--lease-ttl`, kept alive every ttl/3 and its last
 //! successful renewal recorded in [`Shared`] (the fence watchdog stops a primary
@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, PutOptions, WatchOptions};
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
 use meridian_shared::epoch::Epoch;
 use meridian_shared::keys::Keys;
 use meridian_shared::records::{self, LeaderRecord, MemberRecord, MemberTags, Role};
@@ -161,7 +161,8 @@ pub async fn hold_lease(
     }
 }
 
-/// Stops a primary whose lease renewals stopped (checked every 50 ms).
+/// Stops a primary whose lease renewals stopped (checked every 50 ms), unless
+/// the failsafe holds ([`crate::failsafe`]).
 pub async fn fence_watchdog(
     node: Arc<PgNode>,
     shared: Arc<Shared>,
@@ -176,20 +177,17 @@ pub async fn fence_watchdog(
         if !primary {
             continue;
         }
-        if !decide::must_self_fence(
-            std::time::Instant::now(),
-            shared.last_renewed(),
-            ttl,
-            margin,
-            true,
-        ) {
+        let now = std::time::Instant::now();
+        if !decide::must_self_fence(now, shared.last_renewed(), ttl, margin, true)
+            || decide::failsafe_holds(now, shared.failsafe_until())
+        {
             continue;
         }
         if !crate::probe::postmaster_alive(&node).await {
             continue;
         }
         let epoch = shared.epoch_seen();
-        tracing::error!(%epoch, "member lease not renewed in time: stopping PostgreSQL (self-fence)");
+        tracing::error!(%epoch, "member lease not renewed in time and not every replica confirms this primary: stopping PostgreSQL (self-fence)");
         shared
             .metrics
             .self_fences
@@ -239,6 +237,21 @@ async fn watch_once(client: &mut Client, keys: &Keys, shared: &Shared) -> Result
     if let Some(e) = resp.kvs().first().and_then(|kv| epoch_of(kv.value())) {
         shared.see_epoch(e);
     }
+    let prefix = keys.members_prefix();
+    let resp = client
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut roles: BTreeMap<String, Role> = BTreeMap::new();
+    for kv in resp.kvs() {
+        member_event(
+            keys,
+            &mut roles,
+            kv.key_str().unwrap_or(""),
+            Some(kv.value()),
+        );
+    }
+    shared.set_replicas(replicas_of(&roles, &shared.node));
     let opts = || WatchOptions::new().with_start_revision(revision + 1);
     let mut stream = client
         .watch(keys.leader(), Some(opts()))
@@ -246,6 +259,10 @@ async fn watch_once(client: &mut Client, keys: &Keys, shared: &Shared) -> Result
         .map_err(|e| e.to_string())?;
     stream
         .watch(keys.epoch(), Some(opts()))
+        .await
+        .map_err(|e| e.to_string())?;
+    stream
+        .watch(prefix.as_str(), Some(opts().with_prefix()))
         .await
         .map_err(|e| e.to_string())?;
     let leader_key = keys.leader();
@@ -269,13 +286,50 @@ async fn watch_once(client: &mut Client, keys: &Keys, shared: &Shared) -> Result
                 if let Some(e) = epoch_of(kv.value()) {
                     shared.see_epoch(e);
                 }
+            } else if member_event(keys, &mut roles, key, put.then(|| kv.value())) {
+                shared.set_replicas(replicas_of(&roles, &shared.node));
             }
         }
     }
     Err("watch stream ended".into())
 }
 
-/// Keeps [`Shared::leader`] and the epoch current until aborted.
+/// Applies a put (`Some(value)`) or delete of `key` to the members' roles;
+/// whether it was a member key.
+fn member_event(
+    keys: &Keys,
+    roles: &mut BTreeMap<String, Role>,
+    key: &str,
+    value: Option<&[u8]>,
+) -> bool {
+    let Some(node) = keys.member_name(key) else {
+        return false;
+    };
+    match value.map(|v| records::decode::<MemberRecord>("member", v)) {
+        Some(Ok(m)) => {
+            roles.insert(node.to_owned(), m.role);
+        }
+        Some(Err(e)) => {
+            tracing::warn!(node, error = %e, "ignoring an undecodable member record");
+            roles.remove(node);
+        }
+        None => {
+            roles.remove(node);
+        }
+    }
+    true
+}
+
+/// The members registered as replicas, `me` left out: whom the failsafe asks.
+pub fn replicas_of(roles: &BTreeMap<String, Role>, me: &str) -> std::collections::BTreeSet<String> {
+    roles
+        .iter()
+        .filter(|(node, role)| node.as_str() != me && **role == Role::Replica)
+        .map(|(node, _)| node.clone())
+        .collect()
+}
+
+/// Keeps [`Shared::leader`], the epoch and the replicas etcd lists current until aborted.
 pub async fn watch_leader(mut client: Client, keys: Keys, shared: Arc<Shared>) {
     loop {
         if let Err(e) = watch_once(&mut client, &keys, &shared).await {

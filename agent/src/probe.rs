@@ -1,7 +1,7 @@
 //! The heartbeat probe: every interval, is the postmaster alive (its pid, so a
 //! dead postmaster shows within one interval even while sockets linger), and
 //! what does PostgreSQL say about itself (recovery, LSNs, timeline, WAL
-//! receiver, replay lag, `meridian.epoch`)?
+//! receiver and when it last heard from upstream, replay lag, `meridian.epoch`)?
 //!
 //! One persistent tokio-postgres connection (connect timeout 300 ms) is reused
 //! across rounds and dropped on any error. The result goes to
@@ -37,7 +37,8 @@ SELECT pg_is_in_recovery(),
   r.status, r.received_tli, r.sender_host, r.sender_port,
   pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn(),
   (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint,
-  current_setting('meridian.epoch', true)
+  current_setting('meridian.epoch', true),
+  (extract(epoch FROM clock_timestamp() - r.last_msg_receipt_time) * 1000)::bigint
 FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver r ON true";
 
 /// Whether the node's postmaster process is alive: the child we spawned (reaped
@@ -86,6 +87,7 @@ async fn query(client: &Client) -> Result<PgStatus, tokio_postgres::Error> {
     let caught_up: Option<bool> = row.try_get(10)?;
     let replay_age: Option<i64> = row.try_get(11)?;
     let epoch: Option<String> = row.try_get(12)?;
+    let heard_age: Option<i64> = row.try_get(13)?;
     let timeline = if in_recovery {
         received_tli.or(tli)
     } else {
@@ -115,6 +117,7 @@ async fn query(client: &Client) -> Result<PgStatus, tokio_postgres::Error> {
             None
         },
         node_epoch: epoch.and_then(|e| e.trim().parse::<u64>().ok()).map(Epoch),
+        upstream_heard_ms_ago: heard_age.map(|ms| u64::try_from(ms).unwrap_or(0)),
     })
 }
 
@@ -171,6 +174,12 @@ pub async fn run(
         }
         if let Some(epoch) = status.node_epoch {
             shared.see_epoch(epoch);
+        }
+        if let Some(ago) = status.upstream_heard_ms_ago {
+            // Measured before the answer came back: dating it from now errs late,
+            // which only lengthens a promotion's failsafe wait.
+            let now = std::time::Instant::now();
+            shared.heard_upstream(now.checked_sub(Duration::from_millis(ago)).unwrap_or(now));
         }
         let in_recovery = status.in_recovery;
         let pg_up = status.pg_up;

@@ -1,12 +1,14 @@
 //! State shared by the agent's tasks: the latest probe of PostgreSQL, the role,
 //! the highest epoch seen, the node's intent and fence, the current leader as
 //! etcd says, the last lease renewal, the cache's invalidation horizon and
-//! freshness samples, and the counters behind `/metrics`.
+//! freshness samples, the failsafe's inputs and verdict (the replicas etcd
+//! lists, when the WAL receiver last heard from upstream), and the counters
+//! behind `/metrics`.
 //!
 //! Everything is behind short-held locks or atomics; no lock is held across an
 //! `.await`. Decisions on this state are made in [`crate::decide`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -37,6 +39,9 @@ pub struct PgStatus {
     pub replay_lag_ms: Option<u64>,
     /// `current_setting('meridian.epoch', true)`.
     pub node_epoch: Option<Epoch>,
+    /// How long ago the WAL receiver last received a message from its
+    /// upstream (`last_msg_receipt_time`, on this host's clock).
+    pub upstream_heard_ms_ago: Option<u64>,
 }
 
 /// The node's supervision state, changed by the controller and the fence watchdog.
@@ -103,6 +108,14 @@ pub struct Shared {
     /// (sent in heartbeats as `invalidated_lsn`).
     invalidated: Mutex<Option<Lsn>>,
     freshness: Mutex<Freshness>,
+    /// The other members etcd last listed as replicas (what the failsafe asks).
+    replicas: Mutex<BTreeSet<String>>,
+    /// The last instant this node's WAL receiver heard from its upstream (the
+    /// agent's start when it never did since).
+    upstream_heard: Mutex<Instant>,
+    /// While etcd is out of reach: until when every replica confirmed this
+    /// primary ([`meridian_shared::failsafe`]).
+    failsafe_until: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -126,6 +139,9 @@ impl Shared {
             metrics: Metrics::default(),
             invalidated: Mutex::new(None),
             freshness: Mutex::new(Freshness::default()),
+            replicas: Mutex::new(BTreeSet::new()),
+            upstream_heard: Mutex::new(Instant::now()),
+            failsafe_until: Mutex::new(None),
         }
     }
 
@@ -202,5 +218,36 @@ impl Shared {
         let mut f = lock(&self.freshness);
         f.forget_before(self.epoch_seen());
         f.lease(now, ttl)
+    }
+
+    /// Replaces the replicas etcd lists (this node left out).
+    pub fn set_replicas(&self, replicas: BTreeSet<String>) {
+        *lock(&self.replicas) = replicas;
+    }
+
+    /// The replicas etcd last listed.
+    pub fn replicas(&self) -> BTreeSet<String> {
+        lock(&self.replicas).clone()
+    }
+
+    /// The WAL receiver heard from its upstream at `at` (never moves back).
+    pub fn heard_upstream(&self, at: Instant) {
+        let mut last = lock(&self.upstream_heard);
+        *last = (*last).max(at);
+    }
+
+    /// When the WAL receiver last heard from its upstream.
+    pub fn upstream_heard(&self) -> Instant {
+        *lock(&self.upstream_heard)
+    }
+
+    /// Sets (or clears) how long the failsafe keeps this primary writable.
+    pub fn set_failsafe_until(&self, until: Option<Instant>) {
+        *lock(&self.failsafe_until) = until;
+    }
+
+    /// Until when the failsafe keeps this primary writable, if it does.
+    pub fn failsafe_until(&self) -> Option<Instant> {
+        *lock(&self.failsafe_until)
     }
 }

@@ -171,6 +171,7 @@ async fn bootstrap_clone_promote_crash_failover_and_rewind() {
             |id| CoordMsg::Promote {
                 id,
                 epoch: Epoch(1),
+                old_fenced: true,
             },
             Duration::from_secs(30),
         )
@@ -283,6 +284,8 @@ async fn bootstrap_clone_promote_crash_failover_and_rewind() {
             |id| CoordMsg::Promote {
                 id,
                 epoch: Epoch(2),
+                // The standby leaves its upstream and outwaits the failsafe.
+                old_fenced: false,
             },
             Duration::from_secs(60),
         )
@@ -593,6 +596,7 @@ async fn a_restarted_agent_adopts_and_a_primary_without_lease_fences_itself() {
             |id| CoordMsg::Promote {
                 id,
                 epoch: Epoch(1),
+                old_fenced: true,
             },
             Duration::from_secs(60),
         )

@@ -104,6 +104,7 @@ async fn primary_agent_streams_changes_and_applies_invalidations_to_redis() {
             |id| CoordMsg::Promote {
                 id,
                 epoch: Epoch(1),
+                old_fenced: true,
             },
             Duration::from_secs(30),
         )

@@ -30,6 +30,8 @@ pub enum CommandKind {
 pub enum CommandSpec {
     Promote {
         epoch: Epoch,
+        /// See `CoordMsg::Promote`.
+        old_fenced: bool,
     },
     Follow {
         leader: String,
@@ -57,7 +59,7 @@ impl CommandSpec {
 
     pub fn epoch(&self) -> Epoch {
         match self {
-            CommandSpec::Promote { epoch }
+            CommandSpec::Promote { epoch, .. }
             | CommandSpec::Follow { epoch, .. }
             | CommandSpec::Fence { epoch }
             | CommandSpec::SetSyncStandbys { epoch, .. } => *epoch,
@@ -67,7 +69,11 @@ impl CommandSpec {
     /// The wire message carrying this command as `id`.
     pub fn to_msg(&self, id: CommandId) -> CoordMsg {
         match self.clone() {
-            CommandSpec::Promote { epoch } => CoordMsg::Promote { id, epoch },
+            CommandSpec::Promote { epoch, old_fenced } => CoordMsg::Promote {
+                id,
+                epoch,
+                old_fenced,
+            },
             CommandSpec::Follow {
                 leader,
                 pg_addr,
@@ -350,7 +356,15 @@ mod tests {
         let t0 = Instant::now();
         let mut book = CommandBook::new(1, RETRY);
         book.ensure("a", fence(2), t0, RETRY);
-        book.ensure("a", CommandSpec::Promote { epoch: Epoch(2) }, t0, RETRY);
+        book.ensure(
+            "a",
+            CommandSpec::Promote {
+                epoch: Epoch(2),
+                old_fenced: true,
+            },
+            t0,
+            RETRY,
+        );
         book.ensure("b", fence(2), t0, RETRY);
         assert_eq!(book.pending_for("a", t0).len(), 2);
         book.cancel("a", CommandKind::Fence);

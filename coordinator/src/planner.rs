@@ -522,9 +522,12 @@ pub enum Action {
         target: Option<Lsn>,
     },
     /// Send `Promote { epoch }` to the candidate and wait until it reports primary at `epoch`.
+    /// `old_fenced`: the old primary's agent acknowledged `Fence` (else the
+    /// candidate outwaits the failsafe confirmations it may have given).
     SendPromote {
         node: String,
         epoch: Epoch,
+        old_fenced: bool,
     },
     /// Write `record` to `leader` by etcd txn (comparing the leader's `mod_revision`).
     PublishLeader {
@@ -640,6 +643,7 @@ fn decide(plan: &FailoverPlan, obs: &Observations) -> (Step, Action) {
                     Action::SendPromote {
                         node: cand.clone(),
                         epoch,
+                        old_fenced: obs.fence_acked,
                     }
                 } else {
                     Action::AwaitCatchUp {
@@ -1162,7 +1166,7 @@ mod tests {
             }
             Action::WaitLeaseExpiry { .. } => obs.old_lease_alive = false,
             Action::SendFence { .. } => obs.fence_acked = true,
-            Action::SendPromote { node, epoch } => {
+            Action::SendPromote { node, epoch, .. } => {
                 let n = obs.nodes.get_mut(node).unwrap();
                 n.role = Role::Primary;
                 n.epoch_seen = *epoch;
@@ -1468,7 +1472,8 @@ mod tests {
             plan.advance(&obs),
             Action::SendPromote {
                 node: "cand".into(),
-                epoch: Epoch(5)
+                epoch: Epoch(5),
+                old_fenced: true,
             }
         );
     }

@@ -419,7 +419,7 @@ async fn agent_loop(
 
 fn promote_epoch(msg: &CoordMsg) -> Option<(u64, Epoch)> {
     match msg {
-        CoordMsg::Promote { id, epoch } => Some((*id, *epoch)),
+        CoordMsg::Promote { id, epoch, .. } => Some((*id, *epoch)),
         _ => None,
     }
 }

@@ -130,8 +130,17 @@ pub enum AgentMsg {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CoordMsg {
-    /// Promote this node (`pg_promote`) and record `epoch` in it.
-    Promote { id: CommandId, epoch: Epoch },
+    /// Promote this node (`pg_promote`) and record `epoch` in it. Unless
+    /// `old_fenced` (the coordinator knows the old primary is fenced: its agent
+    /// acknowledged `Fence`, or this is the leader's own epoch), a standby first
+    /// leaves its upstream and outwaits the failsafe confirmations it gave
+    /// (`failsafe::promotion_wait`). Absent (older coordinators): `false`.
+    Promote {
+        id: CommandId,
+        epoch: Epoch,
+        #[serde(default)]
+        old_fenced: bool,
+    },
     /// Replicate from `leader` at `pg_addr` (rewind or re-clone if needed).
     Follow {
         id: CommandId,
@@ -352,6 +361,7 @@ mod tests {
             CoordMsg::Promote {
                 id: 1,
                 epoch: Epoch(2),
+                old_fenced: true,
             },
             CoordMsg::Follow {
                 id: 2,

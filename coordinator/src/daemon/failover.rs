@@ -261,8 +261,12 @@ impl Active {
                     );
                 }
             }
-            Action::SendPromote { node, epoch } => {
-                if self.ensure(&node, CommandSpec::Promote { epoch }) {
+            Action::SendPromote {
+                node,
+                epoch,
+                old_fenced,
+            } => {
+                if self.ensure(&node, CommandSpec::Promote { epoch, old_fenced }) {
                     info!(node, epoch = epoch.0, "promote sent");
                 }
             }

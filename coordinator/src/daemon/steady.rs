@@ -65,7 +65,13 @@ impl Active {
                 epoch,
                 "bootstrap: first leader".into(),
             );
-            self.ensure(&node, CommandSpec::Promote { epoch });
+            self.ensure(
+                &node,
+                CommandSpec::Promote {
+                    epoch,
+                    old_fenced: true,
+                },
+            );
         }
         self.refresh(shell).await;
     }
@@ -194,6 +200,7 @@ impl Active {
             &leader.node,
             CommandSpec::Promote {
                 epoch: leader.epoch,
+                old_fenced: true,
             },
         );
     }
