@@ -17,7 +17,9 @@
 //! Proxy-side fencing: the view remembers the last time etcd answered (a lease
 //! keep-alive). After more than `lease_ttl` without an answer the leader is
 //! treated as unknown ([`etcd_lost`]): writes are held and then refused, reads
-//! continue on the replicas last known.
+//! continue on the replicas last known; unless the failsafe
+//! ([`crate::failsafe`], `etcd.failsafe`) confirms the last serving leader, which
+//! then stays the primary for as long as every replica confirms it.
 //!
 //! Addresses are per locality: a member may advertise `pg_addrs` (region ->
 //! `host:port` as reached from that region); the proxy dials, and polls, every
@@ -86,6 +88,8 @@ pub struct FollowSettings {
     pub lease_ttl: Duration,
     pub poll_interval: Duration,
     pub params: TopologyParams,
+    /// `etcd.failsafe`.
+    pub failsafe: bool,
 }
 
 impl FollowSettings {
@@ -105,6 +109,7 @@ impl FollowSettings {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             },
             lease_ttl: e.lease_ttl,
+            failsafe: e.failsafe,
             poll_interval: e.replica_poll_interval,
             params: TopologyParams {
                 region: cfg.region.clone(),
@@ -166,6 +171,9 @@ pub struct EtcdView {
     pub cache_regions: BTreeMap<String, bool>,
     /// The last time etcd answered (`None`: never).
     pub last_contact: Option<Instant>,
+    /// While etcd is out of reach: until when every replica confirmed the
+    /// leader ([`crate::failsafe`]).
+    pub failsafe_until: Option<Instant>,
 }
 
 impl EtcdView {
@@ -228,7 +236,12 @@ impl EtcdView {
     /// The topology this view gives at `now`.
     pub fn topology(&self, health: &ReplicaHealth, now: Instant, p: &TopologyParams) -> Topology {
         let lost = etcd_lost(self.last_contact, now, p.lease_ttl);
-        let leader = if lost { None } else { self.leader.as_ref() };
+        let confirmed = self.failsafe_until.is_some_and(|until| now < until);
+        let leader = if lost && !confirmed {
+            None
+        } else {
+            self.leader.as_ref()
+        };
         let cache = !lost && cache_usable(self.cache_regions.get(&p.region).copied());
         let mut t = topology_from(leader, &self.members, health, now, p, cache);
         if let Some(hold) = self.config_hold {
@@ -429,7 +442,19 @@ pub fn spawn(cfg: &ProxyConfig) -> Result<Follower, FollowError> {
         )
         .instrument(span.clone()),
     );
-    let publish = tokio::spawn(
+    let mut tasks = vec![etcd];
+    if settings.failsafe {
+        tasks.push(tokio::spawn(
+            crate::failsafe::check_loop(
+                settings.clone(),
+                poll_params.clone(),
+                view.clone(),
+                changed.clone(),
+            )
+            .instrument(span.clone()),
+        ));
+    }
+    tasks.push(tokio::spawn(
         publish_loop(
             settings.clone(),
             poll_params,
@@ -439,17 +464,17 @@ pub fn spawn(cfg: &ProxyConfig) -> Result<Follower, FollowError> {
             tx,
         )
         .instrument(span),
-    );
+    ));
     Ok(Follower {
         topology: rx,
         replicas: table,
         proxy_id: settings.proxy_id,
         registration,
-        tasks: vec![etcd, publish],
+        tasks,
     })
 }
 
-fn lock(view: &Mutex<EtcdView>) -> std::sync::MutexGuard<'_, EtcdView> {
+pub(crate) fn lock(view: &Mutex<EtcdView>) -> std::sync::MutexGuard<'_, EtcdView> {
     view.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -653,10 +678,17 @@ async fn publish_loop(
             *cur = Arc::new(topology);
             true
         });
+        // A failsafe confirmation that runs out drops the primary at once.
+        let wake = snapshot
+            .failsafe_until
+            .filter(|until| *until > now)
+            .map_or(s.poll_interval, |until| {
+                until.saturating_duration_since(now).min(s.poll_interval)
+            });
         tokio::select! {
             _ = changed.notified() => {}
             _ = table.changed() => {}
-            _ = tokio::time::sleep(s.poll_interval) => {}
+            _ = tokio::time::sleep(wake) => {}
         }
     }
 }

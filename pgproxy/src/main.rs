@@ -88,6 +88,10 @@ struct Args {
     /// TTL of the proxies/<id> lease; losing etcd for longer stops writes [default: 3s].
     #[arg(long, env = "MERIDIAN_PGPROXY_ETCD_LEASE_TTL", value_parser = humantime::parse_duration)]
     etcd_lease_ttl: Option<Duration>,
+    /// After losing etcd, keep writing to the last leader while every replica
+    /// confirms it (`true`/`false`) [default: true].
+    #[arg(long, env = "MERIDIAN_PGPROXY_FAILSAFE")]
+    failsafe: Option<bool>,
     /// How often each replica's health and replay position are polled [default: 200ms].
     #[arg(long, env = "MERIDIAN_PGPROXY_REPLICA_POLL_INTERVAL", value_parser = humantime::parse_duration)]
     replica_poll_interval: Option<Duration>,
@@ -191,6 +195,9 @@ impl Args {
         }
         if let Some(v) = self.etcd_lease_ttl {
             cfg.etcd.lease_ttl = v;
+        }
+        if let Some(v) = self.failsafe {
+            cfg.etcd.failsafe = v;
         }
         if let Some(v) = self.replica_poll_interval {
             cfg.etcd.replica_poll_interval = v;

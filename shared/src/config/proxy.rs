@@ -144,9 +144,15 @@ pub struct EtcdConfig {
     /// failover. Default `10s`; the cluster's `config.failover_hold` in etcd overrides it when set.
     #[serde(with = "humantime_serde")]
     pub failover_hold: Duration,
-    /// TTL of the `proxies/<id>` lease; losing etcd for longer than this stops writes. Default `3s`.
+    /// TTL of the `proxies/<id>` lease; losing etcd for longer than this stops writes,
+    /// unless the failsafe confirms the last leader. Default `3s`.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// Failsafe: after losing etcd, keep sending writes to the last serving leader
+    /// while every replica etcd last listed confirms it over replication (checked
+    /// by this proxy, every 200 ms; the catalog user needs `pg_monitor`). Default
+    /// `true` (docs/control-path.md, "Failsafe").
+    pub failsafe: bool,
     /// How often each replica's health and replay position are polled. Default `200ms`.
     #[serde(with = "humantime_serde")]
     pub replica_poll_interval: Duration,
@@ -163,6 +169,7 @@ impl Default for EtcdConfig {
             proxy_id: None,
             failover_hold: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(3),
+            failsafe: true,
             replica_poll_interval: Duration::from_millis(200),
             max_replica_lag: Duration::from_secs(5),
         }

@@ -1,0 +1,205 @@
+//! The proxy's side of the failsafe ([`meridian_shared::failsafe`]): once etcd
+//! has missed a keep-alive, this proxy checks the last serving leader itself,
+//! every [`failsafe::POLL`], on a connection of its own (the catalog user's
+//! credentials, which need `pg_monitor` to see the standbys' positions): it
+//! writes a marker and reads how far each standby has got, and sets
+//! [`EtcdView::failsafe_until`] to the instant until which every replica etcd
+//! last listed has confirmed that leader in the epoch etcd last gave it. The
+//! topology keeps the leader as the primary past the etcd lease TTL only until
+//! then ([`EtcdView::topology`]).
+//!
+//! The check does not depend on the leader's agent: a proxy stops writing on
+//! its own once a replica stops confirming (for instance because it is being
+//! promoted), even if the old primary's agent is stopped and cannot fence it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meridian_shared::failsafe::{self, Confirmations, Verdict};
+use meridian_shared::records::{LeaderRecord, MemberRecord, Role};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::backend::{BackendConn, ConnectParams};
+use crate::follow::{self, EtcdView, FollowSettings};
+
+/// Whether etcd has missed a keep-alive (sent every `lease_ttl / 3`): the
+/// check runs from then on, so that it has an answer before the lease TTL.
+pub fn etcd_late(last_contact: Option<Instant>, now: Instant, lease_ttl: Duration) -> bool {
+    last_contact.is_some_and(|t| now.saturating_duration_since(t) > lease_ttl / 3 + failsafe::POLL)
+}
+
+/// The replicas the leader must be confirmed by: members etcd lists as
+/// replicas, the leader's node left out.
+pub fn replicas_of<'a>(
+    leader: &LeaderRecord,
+    members: &'a BTreeMap<String, MemberRecord>,
+) -> Vec<&'a str> {
+    members
+        .iter()
+        .filter(|(node, m)| m.role == Role::Replica && **node != leader.node)
+        .map(|(node, _)| node.as_str())
+        .collect()
+}
+
+/// The check loop; runs until aborted.
+pub async fn check_loop(
+    s: FollowSettings,
+    params: ConnectParams,
+    view: Arc<Mutex<EtcdView>>,
+    changed: Arc<Notify>,
+) {
+    let mut confirmations = Confirmations::new();
+    let mut conn: Option<BackendConn> = None;
+    // The leader (node, epoch) being checked, and the last verdict logged.
+    let mut checking: Option<(String, u64)> = None;
+    let mut last_verdict: Option<Verdict> = None;
+    loop {
+        tokio::time::sleep(failsafe::POLL).await;
+        let now = Instant::now();
+        let (leader, members, last_contact) = {
+            let v = follow::lock(&view);
+            (v.leader.clone(), v.members.clone(), v.last_contact)
+        };
+        let leader = leader.filter(LeaderRecord::is_serving);
+        let leader = match leader {
+            Some(l) if etcd_late(last_contact, now, s.lease_ttl) => l,
+            _ => {
+                if checking.take().is_some() {
+                    info!("failsafe check ended (etcd answers again, or no serving leader)");
+                    confirmations.reset();
+                    conn = None;
+                    last_verdict = None;
+                    follow::lock(&view).failsafe_until = None;
+                    changed.notify_one();
+                }
+                continue;
+            }
+        };
+        let key = (leader.node.clone(), leader.epoch.0);
+        if checking.as_ref() != Some(&key) {
+            confirmations.reset();
+            conn = None;
+            checking = Some(key);
+        }
+        if conn.is_none() {
+            let p = ConnectParams {
+                addr: Arc::from(follow::leader_addr_for(&leader, &members, &s.params.region)),
+                ..params.clone()
+            };
+            conn = BackendConn::connect(&p).await.ok();
+        }
+        if let Some(c) = conn.as_mut() {
+            let at = Instant::now();
+            match tokio::time::timeout(failsafe::POLL * 2, c.simple_query(failsafe::ROUND_SQL))
+                .await
+            {
+                Ok(Ok(rows)) => match failsafe::parse_round(&rows) {
+                    Ok(r) if r.epoch.as_deref() == Some(leader.epoch.to_string().as_str()) => {
+                        confirmations.record(at, r.marker, &r.standbys);
+                    }
+                    Ok(r) => {
+                        warn!(epoch = ?r.epoch, leader_epoch = %leader.epoch, "failsafe: the leader does not carry the epoch etcd gave it");
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "failsafe: unexpected answer");
+                        conn = None;
+                    }
+                },
+                Ok(Err(e)) => {
+                    warn!(error = %e, "failsafe round failed");
+                    conn = None;
+                }
+                Err(_) => {
+                    warn!("failsafe round timed out");
+                    conn = None;
+                }
+            }
+        }
+        let verdict = confirmations.verdict(replicas_of(&leader, &members));
+        let until = match &verdict {
+            Verdict::Confirmed { until } => Some(*until),
+            _ => None,
+        };
+        follow::lock(&view).failsafe_until = until;
+        changed.notify_one();
+        let changed_kind = match (&last_verdict, &verdict) {
+            (Some(Verdict::Confirmed { .. }), Verdict::Confirmed { .. }) => false,
+            (Some(a), b) => a != b,
+            (None, _) => true,
+        };
+        if changed_kind {
+            match &verdict {
+                Verdict::Confirmed { .. } => warn!(
+                    leader = %leader.node,
+                    epoch = %leader.epoch,
+                    "etcd out of reach: every replica confirms the leader (failsafe), writes go on"
+                ),
+                Verdict::Unconfirmed { member } => warn!(
+                    leader = %leader.node,
+                    member,
+                    "etcd out of reach and a replica does not confirm the leader"
+                ),
+                Verdict::Unchecked => warn!(
+                    leader = %leader.node,
+                    "etcd out of reach; the failsafe check has no answer yet"
+                ),
+            }
+        }
+        last_verdict = Some(verdict);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meridian_shared::epoch::Epoch;
+    use meridian_shared::records::{LeaderState, MemberTags};
+
+    fn member(role: Role) -> MemberRecord {
+        MemberRecord {
+            region: "r".into(),
+            pg_addr: "h:1".into(),
+            agent_addr: String::new(),
+            role,
+            tags: MemberTags::default(),
+            version: None,
+            pg_addrs: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_check_starts_after_a_missed_keep_alive() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(3);
+        assert!(!etcd_late(None, t0, ttl));
+        assert!(!etcd_late(Some(t0), t0 + Duration::from_millis(1200), ttl));
+        assert!(etcd_late(Some(t0), t0 + Duration::from_millis(1201), ttl));
+    }
+
+    #[test]
+    fn the_leader_is_confirmed_by_every_other_replica() {
+        let members: BTreeMap<String, MemberRecord> = [
+            ("a".to_string(), member(Role::Primary)),
+            ("b".to_string(), member(Role::Replica)),
+            ("c".to_string(), member(Role::Replica)),
+            ("d".to_string(), member(Role::Unknown)),
+        ]
+        .into();
+        let mut leader = LeaderRecord {
+            node: "a".into(),
+            region: "r".into(),
+            pg_addr: "h:1".into(),
+            epoch: Epoch(3),
+            timeline: 1,
+            state: LeaderState::Serving,
+            since: 0,
+            candidate: None,
+        };
+        assert_eq!(replicas_of(&leader, &members), vec!["b", "c"]);
+        // A stale replica record of the leader's own node never counts.
+        leader.node = "b".into();
+        assert_eq!(replicas_of(&leader, &members), vec!["c"]);
+    }
+}
