@@ -211,7 +211,7 @@ fn stale_epoch_acks(acked: &[(u64, u64, i64, Option<u64>)]) -> Vec<(i64, u64, u6
 }
 
 /// The longest stretch of `w` without one of the sorted `ends`.
-fn longest_gap(ends: &[u64], w: Window) -> u64 {
+pub fn longest_gap(ends: &[u64], w: Window) -> u64 {
     let mut last = w.start_ms;
     let mut longest = 0;
     for &e in ends.iter().filter(|e| **e > w.start_ms && **e <= w.end_ms) {

@@ -313,6 +313,57 @@ pub async fn apply(
             cluster.start_redis(&region).await?;
             format!("redis-{region}")
         }
+        Fault::EtcdLost => {
+            let pid = cluster.node(&leader.node)?.postmaster_pid();
+            cluster.etcd.pause();
+            tokio::time::sleep(cluster.spec.lease_ttl + step.hold).await;
+            let after = cluster.node(&leader.node)?.postmaster_pid();
+            cluster.etcd.resume();
+            anyhow::ensure!(
+                pid.is_some() && after == pid,
+                "the primary {} did not keep serving through the etcd outage (postmaster {pid:?}, then {after:?})",
+                leader.node
+            );
+            "etcd".to_owned()
+        }
+        Fault::EtcdLostPartitionPrimary => {
+            cluster.etcd.pause();
+            // Past the lease TTL: the primary serves under the failsafe.
+            tokio::time::sleep(cluster.spec.lease_ttl + Duration::from_secs(1)).await;
+            cluster.node(&leader.node)?.partition();
+            tokio::time::sleep(step.hold).await;
+            let fenced = meridian_launcher::wait::eventually(
+                FENCED_WITHIN,
+                "the partitioned primary to fence itself",
+                || async {
+                    anyhow::ensure!(cluster.node(&leader.node)?.postmaster_pid().is_none());
+                    Ok(())
+                },
+            )
+            .await;
+            let promoted = promoted_without_etcd(cluster, &leader.node).await;
+            cluster.etcd.resume();
+            let failover = cluster
+                .wait_leader(CONVERGE_WITHIN, "a failover once etcd is back", |l| {
+                    l.is_serving() && l.epoch > leader.epoch
+                })
+                .await;
+            cluster.node(&leader.node)?.heal();
+            fenced?;
+            promoted?;
+            failover?;
+            leader.node.clone()
+        }
+        Fault::EtcdLostKillPrimary => {
+            cluster.etcd.pause();
+            tokio::time::sleep(cluster.spec.lease_ttl + Duration::from_secs(1)).await;
+            cluster.kill_postmaster(&leader.node)?;
+            tokio::time::sleep(step.hold).await;
+            let promoted = promoted_without_etcd(cluster, &leader.node).await;
+            cluster.etcd.resume();
+            promoted?;
+            leader.node.clone()
+        }
     };
     converge(cluster, workload)
         .await
@@ -325,6 +376,30 @@ pub async fn apply(
             end_ms: workload.now_ms(),
         },
     })
+}
+
+/// How long a primary that no replica can confirm may take to stop: the
+/// failsafe window, the agent's fence deadline and the stop.
+const FENCED_WITHIN: Duration = Duration::from_secs(8);
+
+/// Fails when a node other than `old` runs outside recovery (asked directly):
+/// without etcd nobody may be promoted.
+async fn promoted_without_etcd(cluster: &LocalCluster, old: &str) -> anyhow::Result<()> {
+    for node in &cluster.nodes {
+        if node.name == old {
+            continue;
+        }
+        let in_recovery = tokio::time::timeout(Duration::from_secs(5), async {
+            let c = connect(&node.direct_dsn("postgres")).await?;
+            let row = c.query_one("SELECT pg_is_in_recovery()", &[]).await?;
+            anyhow::Ok(row.get::<_, bool>(0))
+        })
+        .await;
+        if let Ok(Ok(false)) = in_recovery {
+            anyhow::bail!("{} was promoted while etcd was out of reach", node.name);
+        }
+    }
+    Ok(())
 }
 
 /// Waits until a serving leader has every other node streaming (the leader is read again
@@ -418,16 +493,33 @@ pub async fn run_seeds(
     kinds: &[Fault],
     history_path: &std::path::Path,
 ) -> anyhow::Result<Report> {
+    let regions = cluster.spec.regions.len();
+    let plans = (0..schedules)
+        .map(|i| {
+            (
+                seed + i,
+                schedule::schedule(seed + i, steps, kinds, regions),
+            )
+        })
+        .collect();
+    run_plans(cluster, plans, history_path).await
+}
+
+/// [`run_seeds`] with the schedules given: (seed, for reports; steps).
+pub async fn run_plans(
+    cluster: &mut LocalCluster,
+    plans: Vec<(u64, Vec<Step>)>,
+    history_path: &std::path::Path,
+) -> anyhow::Result<Report> {
     let first_region = cluster.spec.regions.first().context("no region")?.clone();
     setup(&cluster.proxy(&first_region)?.dsn()).await?;
     let workload = Workload::start(cluster, 0, Instant::now())?;
     converge(cluster, &workload).await?;
     let mut applied = Vec::new();
     let mut failure = None;
-    'schedules: for i in 0..schedules {
-        let plan = schedule::schedule(seed + i, steps, kinds, cluster.spec.regions.len());
-        tracing::info!(seed = seed + i, ?plan, "nemesis schedule");
-        for step in &plan {
+    'schedules: for (seed, plan) in &plans {
+        tracing::info!(seed, ?plan, "nemesis schedule");
+        for step in plan {
             match apply(cluster, step, &workload).await {
                 Ok(a) => {
                     tracing::info!(
@@ -440,7 +532,7 @@ pub async fn run_seeds(
                     applied.push(a);
                 }
                 Err(e) => {
-                    failure = Some(e.context(format!("seed {}", seed + i)));
+                    failure = Some(e.context(format!("seed {seed}")));
                     break 'schedules;
                 }
             }

@@ -29,10 +29,21 @@ pub enum Fault {
     PauseCoordinators,
     /// One region's Redis stopped for the hold.
     StopRedis,
+    /// etcd frozen (SIGSTOP) for the hold plus the lease TTL: every agent, proxy and
+    /// coordinator loses it (the local cluster's one member is its quorum). The
+    /// failsafe must keep the primary serving, unfenced, through every proxy.
+    EtcdLost,
+    /// etcd frozen, then (past the lease TTL, the failsafe serving) the primary
+    /// partitioned for the hold: it must fence itself with nobody promoted; etcd
+    /// returns, a failover follows, then the partition heals.
+    EtcdLostPartitionPrimary,
+    /// etcd frozen, then the primary's postmaster killed; etcd returns after the
+    /// hold and only then is a replica promoted.
+    EtcdLostKillPrimary,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 10] = [
         Fault::KillPrimaryPostmaster,
         Fault::KillPrimaryAgent,
         Fault::PausePrimaryAgent,
@@ -40,6 +51,16 @@ impl Fault {
         Fault::KillActiveCoordinator,
         Fault::PauseCoordinators,
         Fault::StopRedis,
+        Fault::EtcdLost,
+        Fault::EtcdLostPartitionPrimary,
+        Fault::EtcdLostKillPrimary,
+    ];
+
+    /// The faults of an etcd outage, alone and combined (issue 14 §2).
+    pub const ETCD: [Fault; 3] = [
+        Fault::EtcdLost,
+        Fault::EtcdLostPartitionPrimary,
+        Fault::EtcdLostKillPrimary,
     ];
 
     /// The name in reports.
@@ -52,6 +73,9 @@ impl Fault {
             Fault::KillActiveCoordinator => "kill -9 active coordinator",
             Fault::PauseCoordinators => "SIGSTOP coordinators",
             Fault::StopRedis => "stop a region's redis",
+            Fault::EtcdLost => "etcd lost",
+            Fault::EtcdLostPartitionPrimary => "etcd lost + partition primary",
+            Fault::EtcdLostKillPrimary => "etcd lost + kill -9 primary",
         }
     }
 }
