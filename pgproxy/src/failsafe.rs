@@ -2,27 +2,46 @@
 //! has missed a keep-alive, this proxy checks the last serving leader itself,
 //! every [`failsafe::POLL`], on a connection of its own (the catalog user's
 //! credentials, which need `pg_monitor` to see the standbys' positions): it
-//! writes a marker and reads how far each standby has got, and sets
-//! [`EtcdView::failsafe_until`] to the instant until which every replica etcd
-//! last listed has confirmed that leader in the epoch etcd last gave it. The
-//! topology keeps the leader as the primary past the etcd lease TTL only until
-//! then ([`EtcdView::topology`]).
+//! writes a marker and reads how far each standby has got, and reports the
+//! instant until which every replica etcd last listed has confirmed that
+//! leader in the epoch etcd last gave it ([`View::confirmed_until`]; the
+//! follower keeps the leader as the primary past the etcd lease TTL only until
+//! then). What it reads of etcd's last word comes through [`View`], so this
+//! module knows nothing of the follower's state.
 //!
 //! The check does not depend on the leader's agent: a proxy stops writing on
 //! its own once a replica stops confirming (for instance because it is being
 //! promoted), even if the old primary's agent is stopped and cannot fence it.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meridian_shared::failsafe::{self, Confirmations, Verdict};
 use meridian_shared::records::{LeaderRecord, MemberRecord, Role};
-use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::backend::{BackendConn, ConnectParams};
-use crate::follow::{self, EtcdView, FollowSettings};
+
+/// What etcd last said, as the check needs it.
+#[derive(Clone, Debug, Default)]
+pub struct Watched {
+    /// The last serving leader and its address for this proxy's region.
+    pub leader: Option<(LeaderRecord, String)>,
+    /// The replicas that must confirm it ([`replicas_of`]).
+    pub replicas: Vec<String>,
+    /// When etcd last answered.
+    pub last_contact: Option<Instant>,
+}
+
+/// The follower's side, as the check sees it.
+pub trait View: Send + Sync + 'static {
+    /// etcd's last word.
+    fn watched(&self) -> Watched;
+    /// The check's verdict: the leader stays the primary until `until` (`None`:
+    /// not confirmed, or no check running).
+    fn confirmed_until(&self, until: Option<Instant>);
+}
 
 /// Whether etcd has missed a keep-alive (sent every `lease_ttl / 3`): the
 /// check runs from then on, so that it has an answer before the lease TTL.
@@ -43,13 +62,9 @@ pub fn replicas_of<'a>(
         .collect()
 }
 
-/// The check loop; runs until aborted.
-pub async fn check_loop(
-    s: FollowSettings,
-    params: ConnectParams,
-    view: Arc<Mutex<EtcdView>>,
-    changed: Arc<Notify>,
-) {
+/// The check loop; runs until aborted. `params`: how to log in to the leader
+/// (its address is replaced by the leader's).
+pub async fn check_loop(lease_ttl: Duration, params: ConnectParams, view: impl View) {
     let mut confirmations = Confirmations::new();
     let mut conn: Option<BackendConn> = None;
     // The leader (node, epoch) being checked, and the last verdict logged.
@@ -58,24 +73,20 @@ pub async fn check_loop(
     loop {
         tokio::time::sleep(failsafe::POLL).await;
         let now = Instant::now();
-        let (leader, members, last_contact) = {
-            let v = follow::lock(&view);
-            (v.leader.clone(), v.members.clone(), v.last_contact)
-        };
-        let leader = leader.filter(LeaderRecord::is_serving);
-        let leader = match leader {
-            Some(l) if etcd_late(last_contact, now, s.lease_ttl) => l,
-            _ => {
-                if checking.take().is_some() {
-                    info!("failsafe check ended (etcd answers again, or no serving leader)");
-                    confirmations.reset();
-                    conn = None;
-                    last_verdict = None;
-                    follow::lock(&view).failsafe_until = None;
-                    changed.notify_one();
-                }
-                continue;
+        let watched = view.watched();
+        let leader = watched
+            .leader
+            .filter(|(l, _)| l.is_serving())
+            .filter(|_| etcd_late(watched.last_contact, now, lease_ttl));
+        let Some((leader, addr)) = leader else {
+            if checking.take().is_some() {
+                info!("failsafe check ended (etcd answers again, or no serving leader)");
+                confirmations.reset();
+                conn = None;
+                last_verdict = None;
+                view.confirmed_until(None);
             }
+            continue;
         };
         let key = (leader.node.clone(), leader.epoch.0);
         if checking.as_ref() != Some(&key) {
@@ -85,7 +96,7 @@ pub async fn check_loop(
         }
         if conn.is_none() {
             let p = ConnectParams {
-                addr: Arc::from(follow::leader_addr_for(&leader, &members, &s.params.region)),
+                addr: Arc::from(addr),
                 ..params.clone()
             };
             conn = BackendConn::connect(&p).await.ok();
@@ -117,13 +128,11 @@ pub async fn check_loop(
                 }
             }
         }
-        let verdict = confirmations.verdict(replicas_of(&leader, &members));
-        let until = match &verdict {
+        let verdict = confirmations.verdict(watched.replicas.iter().map(String::as_str));
+        view.confirmed_until(match &verdict {
             Verdict::Confirmed { until } => Some(*until),
             _ => None,
-        };
-        follow::lock(&view).failsafe_until = until;
-        changed.notify_one();
+        });
         let changed_kind = match (&last_verdict, &verdict) {
             (Some(Verdict::Confirmed { .. }), Verdict::Confirmed { .. }) => false,
             (Some(a), b) => a != b,

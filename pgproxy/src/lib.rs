@@ -21,6 +21,7 @@ pub mod catalog;
 pub mod client;
 pub mod engine;
 pub mod error;
+pub mod etcd_view;
 pub mod failsafe;
 pub mod follow;
 pub mod fuzz;
