@@ -1,10 +1,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The short nemesis run of the test command (issue 14): one three-region cluster in
 //! synchronous mode, a workload through every region's proxy (an append-only log, a bank
-//! with transfers and total reads), and three seeded schedules of two faults each drawn
+//! with transfers and total reads, per-region registers read in the writing session and
+//! under a causal token in another region), and three seeded schedules of two faults each drawn
 //! from every fault kind (`nemesis::schedule`), healed one after the other. The checker
 //! must find nothing: no acknowledged insert lost, none reported failed yet applied, no
-//! write acknowledged by a replaced primary, every bank total intact.
+//! write acknowledged by a replaced primary, every bank total intact, no read-your-writes,
+//! monotonic-read or causal-token violation.
 //!
 //! `MERIDIAN_NEMESIS_SEED=N` replays the run of seed N (the default seed is fixed so that
 //! the test command is reproducible); the history is written as JSON lines next to the
@@ -79,6 +81,16 @@ async fn scenario(
     );
     anyhow::ensure!(verdicts.acked_inserts > 0, "no insert was acknowledged");
     anyhow::ensure!(verdicts.total_reads > 0, "no bank total was read");
+    eprintln!(
+        "nemesis: {} register reads in sessions, {} under a causal token; {} failovers",
+        verdicts.sessions.reads,
+        verdicts.sessions.causal_reads,
+        verdicts.failovers.len()
+    );
+    anyhow::ensure!(
+        verdicts.sessions.reads > 0 && verdicts.sessions.causal_reads > 0,
+        "no register read in a session or under a causal token"
+    );
     let violations = verdicts.violations(true);
     anyhow::ensure!(
         violations.is_empty(),

@@ -43,6 +43,9 @@ struct Args {
     /// Apply the demo's WAN delays (35/40/70 ms one way) between the regions.
     #[arg(long)]
     wan: bool,
+    /// Draw only these kinds of fault (comma-separated; default: every kind).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    faults: Vec<Fault>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,7 +105,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         seed,
         args.schedules,
         args.steps,
-        &[],
+        &args.faults,
         &history,
     )
     .await;
@@ -171,6 +174,21 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     println!(
         "| final bank total | {} (expected {}) |",
         v.final_total, v.expected_total
+    );
+    let s = &v.sessions;
+    println!(
+        "| register reads in the writing session / under a causal token | {} / {} |",
+        s.reads, s.causal_reads
+    );
+    let stale = |list: &[meridian_integration::nemesis::sessions::Stale]| {
+        let explained = list.iter().filter(|x| x.in_failover).count();
+        format!("{} ({explained})", list.len())
+    };
+    println!(
+        "| stale reads (of them across a failover): read-your-writes / monotonic / causal | {} / {} / {} |",
+        stale(&s.read_your_writes),
+        stale(&s.monotonic),
+        stale(&s.causal)
     );
     let violations = v.violations(sync_mode != SyncMode::Off);
     if violations.is_empty() {

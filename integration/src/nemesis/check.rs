@@ -12,12 +12,14 @@
 //!   a replaced primary accepted a write after its successor served one.
 //! - **Bank:** every read of the total (one statement, one snapshot, wherever it ran) and the
 //!   final total equal the initial total; transfers move money, never make or lose it.
+//! - **Sessions:** read-your-writes, monotonic reads and the causal token ([`sessions`]).
 //! - **Unavailability:** per fault, the longest time within its window (start to converged)
 //!   without an acknowledged write.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::history::{Kind, Op, Outcome};
+use super::sessions::{self, SessionVerdicts};
 
 /// The database at the end, read from the converged primary.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,6 +58,10 @@ pub struct Verdicts {
     pub expected_total: i64,
     /// Per window given, the longest stretch without an acknowledged write (ms).
     pub unavailable_ms: Vec<u64>,
+    /// Of the windows given, those in which a newer epoch took over (acknowledged writes
+    /// of a newer epoch by the window's end than by its start).
+    pub failovers: Vec<Window>,
+    pub sessions: SessionVerdicts,
 }
 
 impl Verdicts {
@@ -121,6 +127,7 @@ impl Verdicts {
                 self.final_total, self.expected_total
             ));
         }
+        v.extend(self.sessions.violations(synchronous));
         v
     }
 }
@@ -180,7 +187,19 @@ pub fn check(history: &[Op], fin: &Final, expected_total: i64, windows: &[Window
     let mut ends: Vec<u64> = acked.iter().map(|a| a.1).collect();
     ends.sort_unstable();
     verdicts.unavailable_ms = windows.iter().map(|w| longest_gap(&ends, *w)).collect();
+    verdicts.failovers = failovers(&acked, windows);
+    verdicts.sessions = sessions::check(history, &verdicts.failovers);
     verdicts
+}
+
+/// The windows by whose end a newer epoch had acknowledged a write than by their start.
+fn failovers(acked: &[(u64, u64, i64, Option<u64>)], windows: &[Window]) -> Vec<Window> {
+    let epoch_by = |t: u64| acked.iter().filter(|a| a.1 <= t).filter_map(|a| a.3).max();
+    windows
+        .iter()
+        .filter(|w| epoch_by(w.end_ms) > epoch_by(w.start_ms))
+        .copied()
+        .collect()
 }
 
 /// Acknowledged inserts whose epoch is older than that of an insert acknowledged before
@@ -343,6 +362,18 @@ mod tests {
         assert!(check(&h, &fin(&[1, 2], 0), 0, &[])
             .stale_epoch_acks
             .is_empty());
+    }
+
+    #[test]
+    fn a_window_is_a_failover_when_a_newer_epoch_acknowledged_by_its_end() {
+        let h = vec![
+            insert(1, 0, 10, ok(1)),
+            insert(2, 150, 160, ok(2)),
+            insert(3, 300, 310, ok(2)),
+        ];
+        let w = |start_ms, end_ms| Window { start_ms, end_ms };
+        let v = check(&h, &fin(&[1, 2, 3], 0), 0, &[w(20, 200), w(250, 400)]);
+        assert_eq!(v.failovers, vec![w(20, 200)]);
     }
 
     #[test]

@@ -24,6 +24,18 @@ pub enum Kind {
     Transfer { from: i32, to: i32, amount: i64 },
     /// The sum of every balance, in one statement (one snapshot).
     ReadTotal,
+    /// Increments the register `key` (its session client's own) in session `session`
+    /// of the client; the value is the register's new value.
+    RegWrite { key: String, session: u32 },
+    /// Reads the register `key` in session `session` of the client, which wrote it.
+    RegRead { key: String, session: u32 },
+    /// Reads the register `key` (another region's) under the causal token of the
+    /// increment that started at `written_ms` and returned `after`.
+    CausalRead {
+        key: String,
+        after: i64,
+        written_ms: u64,
+    },
 }
 
 /// How it ended.

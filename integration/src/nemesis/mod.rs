@@ -4,10 +4,13 @@
 //!
 //! [`schedule`] draws the faults from a seed (pure); [`run`] carries them out while a
 //! workload runs through every region's proxy, recording a [`history`]; [`check`] judges
-//! the history against the final state (pure). `integration/tests/nemesis.rs` is the short
+//! the history against the final state (pure), [`sessions`] the session guarantees
+//! (read-your-writes, monotonic reads, causal token; pure). `integration/tests/nemesis.rs`
+//! is the short
 //! run of the test command; `nemesis-bench` the long one with its summary table.
 
 pub mod check;
 pub mod history;
 pub mod run;
 pub mod schedule;
+pub mod sessions;

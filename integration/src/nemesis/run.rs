@@ -3,10 +3,14 @@
 //!
 //! The workload, per region: a log writer (inserts of unique ids, each acknowledgement
 //! recording the `meridian.epoch` of the node that committed it), a bank client (transfers
-//! between random accounts in one transaction) and a bank reader (the total, in one
-//! statement). Every client reconnects after an error; each operation is bounded by
+//! between random accounts in one transaction), a bank reader (the total, in one
+//! statement), a session client (increments of the region's register, each followed by a
+//! read of it in the same session, which the proxy serves from the region's replica) and a
+//! causal reader (another region's register, under the token its session client published
+//! after its last increment). Every client reconnects after an error; each operation is bounded by
 //! [`OP_TIMEOUT`] (running out is an indeterminate outcome).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,13 +38,18 @@ pub fn expected_total() -> i64 {
     i64::from(ACCOUNTS) * START_BALANCE
 }
 
-/// Creates the workload's tables through `dsn` (the primary's region proxy).
-pub async fn setup(dsn: &str) -> anyhow::Result<()> {
+/// Creates the workload's tables through `dsn` (the primary's region proxy): the log,
+/// the bank, and one register per region.
+pub async fn setup(dsn: &str, regions: &[String]) -> anyhow::Result<()> {
     let c = connect(dsn).await?;
+    let registers: Vec<String> = regions.iter().map(|r| format!("('{r}', 0)")).collect();
     c.batch_execute(&format!(
         "CREATE TABLE nemesis_log (id bigint PRIMARY KEY);
          CREATE TABLE nemesis_bank (id int PRIMARY KEY, balance bigint NOT NULL);
-         INSERT INTO nemesis_bank SELECT g, {START_BALANCE} FROM generate_series(1, {ACCOUNTS}) g;"
+         INSERT INTO nemesis_bank SELECT g, {START_BALANCE} FROM generate_series(1, {ACCOUNTS}) g;
+         CREATE TABLE nemesis_reg (key text PRIMARY KEY, v bigint NOT NULL);
+         INSERT INTO nemesis_reg VALUES {};",
+        registers.join(", ")
     ))
     .await?;
     Ok(())
@@ -59,13 +68,16 @@ enum Role {
     Log,
     Bank,
     Reader,
+    Session,
+    Causal,
 }
 
 impl Workload {
-    /// Starts three clients per region; ids of region `i` start at `(i + 1) * 10^9 + id_base`.
+    /// Starts five clients per region; ids of region `i` start at `(i + 1) * 10^9 + id_base`.
     pub fn start(cluster: &LocalCluster, id_base: i64, t0: Instant) -> anyhow::Result<Workload> {
         let stop = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(Mutex::new(Vec::new()));
+        let board = Board::default();
         let mut tasks = Vec::new();
         for (i, region) in cluster.spec.regions.iter().enumerate() {
             let dsn = cluster.proxy(region)?.dsn();
@@ -73,16 +85,23 @@ impl Workload {
                 (Role::Log, "log"),
                 (Role::Bank, "bank"),
                 (Role::Reader, "reader"),
+                (Role::Session, "session"),
+                (Role::Causal, "causal"),
             ] {
-                let first_id = (i as i64 + 1) * 1_000_000_000 + id_base;
-                tasks.push(tokio::spawn(client(
-                    format!("{region}/{name}"),
-                    dsn.clone(),
+                let spec = ClientSpec {
+                    name: format!("{region}/{name}"),
+                    dsn: dsn.clone(),
                     role,
-                    first_id,
+                    region: i,
+                    regions: cluster.spec.regions.clone(),
+                    first_id: (i as i64 + 1) * 1_000_000_000 + id_base,
+                };
+                tasks.push(tokio::spawn(client(
+                    spec,
                     t0,
                     stop.clone(),
                     ops.clone(),
+                    board.clone(),
                 )));
             }
         }
@@ -130,21 +149,53 @@ fn ms_since(t0: Instant) -> u64 {
     u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-async fn client(
+/// The causal tokens the session clients publish: register key -> the latest token.
+type Board = Arc<Mutex<BTreeMap<String, Token>>>;
+
+/// An increment's causal token: the value it gave the register, its
+/// `meridian.last_commit_lsn` and when it started.
+#[derive(Clone)]
+struct Token {
+    value: i64,
+    lsn: String,
+    written_ms: u64,
+}
+
+/// What one client needs to know.
+struct ClientSpec {
     name: String,
     dsn: String,
     role: Role,
+    /// Its region: the log writer's first id, the session client's register.
+    region: usize,
+    /// Every region's name (the register keys).
+    regions: Vec<String>,
     first_id: i64,
+}
+
+async fn client(
+    spec: ClientSpec,
     t0: Instant,
     stop: Arc<AtomicBool>,
     ops: Arc<Mutex<Vec<Op>>>,
+    board: Board,
 ) {
     let mut conn: Option<Client> = None;
-    let mut next_id = first_id;
+    let mut next_id = spec.first_id;
+    // Sessions of this client (a reconnect starts the next), and whether its next
+    // register operation is a read.
+    let mut session = 0u32;
+    let mut read_next = false;
+    let own_key = spec.regions[spec.region].clone();
+    let other_key = spec.regions[(spec.region + 1) % spec.regions.len()].clone();
     while !stop.load(Ordering::SeqCst) {
         if conn.is_none() {
-            match tokio::time::timeout(Duration::from_secs(5), connect(&dsn)).await {
-                Ok(Ok(c)) => conn = Some(c),
+            match tokio::time::timeout(Duration::from_secs(5), connect(&spec.dsn)).await {
+                Ok(Ok(c)) => {
+                    conn = Some(c);
+                    session += 1;
+                    read_next = false;
+                }
                 _ => {
                     // Pacing of reconnect attempts, not a wait on a condition.
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -152,8 +203,7 @@ async fn client(
                 }
             }
         }
-        let Some(c) = conn.as_ref() else { continue };
-        let (kind, sql) = match role {
+        let (kind, sql) = match spec.role {
             Role::Log => {
                 next_id += 1;
                 (
@@ -180,52 +230,100 @@ async fn client(
                 Kind::ReadTotal,
                 "SELECT sum(balance)::bigint FROM nemesis_bank".to_owned(),
             ),
+            Role::Session if read_next => (
+                Kind::RegRead {
+                    key: own_key.clone(),
+                    session,
+                },
+                format!("SELECT v FROM nemesis_reg WHERE key = '{own_key}'"),
+            ),
+            Role::Session => (
+                Kind::RegWrite {
+                    key: own_key.clone(),
+                    session,
+                },
+                format!(
+                    "UPDATE nemesis_reg SET v = v + 1 WHERE key = '{own_key}' \
+                     RETURNING v, current_setting('meridian.epoch', true)"
+                ),
+            ),
+            Role::Causal => {
+                let token = board
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&other_key)
+                    .cloned();
+                let Some(token) = token else {
+                    // Pacing until the other region's first increment.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                // Answered by the proxy itself.
+                if exec(
+                    &mut conn,
+                    &format!("SET meridian.min_lsn = '{}'", token.lsn),
+                )
+                .await
+                .is_err()
+                {
+                    // Pacing of retries, not a wait on a condition.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                (
+                    Kind::CausalRead {
+                        key: other_key.clone(),
+                        after: token.value,
+                        written_ms: token.written_ms,
+                    },
+                    format!("SELECT v FROM nemesis_reg WHERE key = '{other_key}'"),
+                )
+            }
         };
         let start_ms = ms_since(t0);
-        let result = tokio::time::timeout(OP_TIMEOUT, c.simple_query(&sql)).await;
+        let result = exec(&mut conn, &sql).await;
         let end_ms = ms_since(t0);
         let outcome = match result {
-            Ok(Ok(messages)) => {
-                let first = first_value(&messages);
-                match kind {
-                    Kind::Insert { .. } => Outcome::Ok {
-                        epoch: first.and_then(|v| v.parse().ok()),
-                        value: None,
-                    },
-                    Kind::ReadTotal => Outcome::Ok {
-                        epoch: None,
-                        value: first.and_then(|v| v.parse().ok()),
-                    },
-                    Kind::Transfer { .. } => Outcome::Ok {
-                        epoch: None,
-                        value: None,
-                    },
-                }
-            }
-            Ok(Err(e)) => {
-                let code = e.as_db_error().map(|d| d.code().code().to_owned());
-                if c.is_closed() || code.is_none() || indeterminate(code.as_deref()) {
-                    conn = None;
-                }
-                if indeterminate(code.as_deref()) {
-                    Outcome::Unknown {
-                        error: e.to_string(),
-                    }
-                } else {
-                    Outcome::Fail {
-                        code: code.unwrap_or_default(),
-                    }
-                }
-            }
-            Err(_) => {
-                conn = None;
-                Outcome::Unknown {
-                    error: format!("no answer within {OP_TIMEOUT:?}"),
-                }
-            }
+            Ok(row) => match kind {
+                Kind::Insert { .. } => Outcome::Ok {
+                    epoch: column(&row, 0),
+                    value: None,
+                },
+                Kind::RegWrite { .. } => Outcome::Ok {
+                    epoch: column(&row, 1),
+                    value: column(&row, 0),
+                },
+                Kind::ReadTotal | Kind::RegRead { .. } | Kind::CausalRead { .. } => Outcome::Ok {
+                    epoch: None,
+                    value: column(&row, 0),
+                },
+                Kind::Transfer { .. } => Outcome::Ok {
+                    epoch: None,
+                    value: None,
+                },
+            },
+            Err(outcome) => outcome,
         };
+        if let (Kind::RegWrite { .. }, Outcome::Ok { value: Some(v), .. }) = (&kind, &outcome) {
+            // The increment's token, read in the same session.
+            if let Ok(row) = exec(&mut conn, "SHOW meridian.last_commit_lsn").await {
+                if let Some(lsn) = row.first().cloned().flatten() {
+                    board.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                        own_key.clone(),
+                        Token {
+                            value: *v,
+                            lsn,
+                            written_ms: start_ms,
+                        },
+                    );
+                }
+            }
+        }
+        if matches!(kind, Kind::RegWrite { .. } | Kind::RegRead { .. }) {
+            read_next = !read_next;
+        }
         ops.lock().unwrap_or_else(|e| e.into_inner()).push(Op {
-            client: name.clone(),
+            client: spec.name.clone(),
             start_ms,
             end_ms,
             kind,
@@ -236,11 +334,56 @@ async fn client(
     }
 }
 
-fn first_value(messages: &[SimpleQueryMessage]) -> Option<&str> {
-    messages.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(r) => r.get(0),
-        _ => None,
-    })
+/// Runs `sql` on the session (simple protocol, bounded by [`OP_TIMEOUT`]): the first
+/// row's columns as text, or the outcome of the failure; a failure that leaves the
+/// session unusable or the outcome open closes it (`conn` becomes `None`).
+async fn exec(conn: &mut Option<Client>, sql: &str) -> Result<Vec<Option<String>>, Outcome> {
+    let Some(c) = conn.as_ref() else {
+        return Err(Outcome::Unknown {
+            error: "not connected".to_owned(),
+        });
+    };
+    match tokio::time::timeout(OP_TIMEOUT, c.simple_query(sql)).await {
+        Ok(Ok(messages)) => Ok(first_row(&messages)),
+        Ok(Err(e)) => {
+            let code = e.as_db_error().map(|d| d.code().code().to_owned());
+            if c.is_closed() || code.is_none() || indeterminate(code.as_deref()) {
+                *conn = None;
+            }
+            if indeterminate(code.as_deref()) {
+                Err(Outcome::Unknown {
+                    error: e.to_string(),
+                })
+            } else {
+                Err(Outcome::Fail {
+                    code: code.unwrap_or_default(),
+                })
+            }
+        }
+        Err(_) => {
+            *conn = None;
+            Err(Outcome::Unknown {
+                error: format!("no answer within {OP_TIMEOUT:?}"),
+            })
+        }
+    }
+}
+
+/// Column `i` of `row`, parsed.
+fn column<T: std::str::FromStr>(row: &[Option<String>], i: usize) -> Option<T> {
+    row.get(i)?.as_deref()?.parse().ok()
+}
+
+fn first_row(messages: &[SimpleQueryMessage]) -> Vec<Option<String>> {
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
+            }
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 /// What happened to one step: when its fault started and when the cluster had converged
@@ -276,6 +419,54 @@ pub async fn apply(
             tokio::time::sleep(step.hold).await;
             cluster.start_agent(&leader.node)?;
             leader.node.clone()
+        }
+        Fault::KillPrimaryNode => {
+            cluster.kill_agent(&leader.node).await?;
+            cluster.kill_postmaster(&leader.node)?;
+            tokio::time::sleep(step.hold).await;
+            cluster.start_agent(&leader.node)?;
+            leader.node.clone()
+        }
+        Fault::PausePrimaryPostgres => {
+            let postmaster = cluster
+                .node(&leader.node)?
+                .postmaster_pid()
+                .context("the primary has no running postmaster")?;
+            // The postmaster first, so that it forks no backend that stays awake.
+            signal(postmaster, Signal::SIGSTOP);
+            let backends = children(postmaster);
+            for pid in &backends {
+                signal(*pid, Signal::SIGSTOP);
+            }
+            tokio::time::sleep(step.hold).await;
+            for pid in &backends {
+                signal(*pid, Signal::SIGCONT);
+            }
+            signal(postmaster, Signal::SIGCONT);
+            leader.node.clone()
+        }
+        Fault::PauseReplicaReplay => {
+            let replicas: Vec<String> = cluster
+                .nodes
+                .iter()
+                .filter(|n| n.name != leader.node)
+                .map(|n| n.name.clone())
+                .collect();
+            anyhow::ensure!(!replicas.is_empty(), "no replica to pause");
+            let node = replicas[step.region % replicas.len()].clone();
+            let dsn = cluster.node(&node)?.direct_dsn("postgres");
+            connect(&dsn)
+                .await?
+                .batch_execute("SELECT pg_wal_replay_pause()")
+                .await
+                .with_context(|| format!("pausing replay on {node}"))?;
+            tokio::time::sleep(step.hold).await;
+            connect(&dsn)
+                .await?
+                .batch_execute("SELECT pg_wal_replay_resume()")
+                .await
+                .with_context(|| format!("resuming replay on {node}"))?;
+            node
         }
         Fault::PausePrimaryAgent => {
             let pid = cluster
@@ -376,6 +567,15 @@ pub async fn apply(
             end_ms: workload.now_ms(),
         },
     })
+}
+
+/// The child processes of `pid` (a postmaster's backends and auxiliary processes).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// How long a primary that no replica can confirm may take to stop: the
@@ -512,7 +712,7 @@ pub async fn run_plans(
     history_path: &std::path::Path,
 ) -> anyhow::Result<Report> {
     let first_region = cluster.spec.regions.first().context("no region")?.clone();
-    setup(&cluster.proxy(&first_region)?.dsn()).await?;
+    setup(&cluster.proxy(&first_region)?.dsn(), &cluster.spec.regions).await?;
     let workload = Workload::start(cluster, 0, Instant::now())?;
     converge(cluster, &workload).await?;
     let mut applied = Vec::new();

@@ -9,7 +9,9 @@ use serde::Serialize;
 
 /// One kind of fault, applied to whatever node or coordinator holds the role when it
 /// starts (the primary moves between faults).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
     /// `kill -9` of the primary's postmaster (its agent stays): a failover, the old
@@ -17,6 +19,12 @@ pub enum Fault {
     KillPrimaryPostmaster,
     /// `kill -9` of the primary's agent only, restarted after the hold.
     KillPrimaryAgent,
+    /// The whole primary node lost: `kill -9` of its agent and its postmaster; after
+    /// the hold its agent starts again and must bring the node back as a replica.
+    KillPrimaryNode,
+    /// SIGSTOP of the primary's postmaster and every backend for the hold, then SIGCONT:
+    /// a primary that wakes up after a failover must not acknowledge a write.
+    PausePrimaryPostgres,
     /// SIGSTOP of the primary's agent for the hold (past the lease TTL the node is
     /// replaced; the agent wakes up to a newer epoch and must fence itself).
     PausePrimaryAgent,
@@ -29,6 +37,9 @@ pub enum Fault {
     PauseCoordinators,
     /// One region's Redis stopped for the hold.
     StopRedis,
+    /// WAL replay paused on one replica (`pg_wal_replay_pause`) for the hold: reads
+    /// that must see a session's writes may not be served by it.
+    PauseReplicaReplay,
     /// etcd frozen (SIGSTOP) for the hold plus the lease TTL: every agent, proxy and
     /// coordinator loses it (the local cluster's one member is its quorum). The
     /// failsafe must keep the primary serving, unfenced, through every proxy.
@@ -43,14 +54,17 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 13] = [
         Fault::KillPrimaryPostmaster,
         Fault::KillPrimaryAgent,
+        Fault::KillPrimaryNode,
+        Fault::PausePrimaryPostgres,
         Fault::PausePrimaryAgent,
         Fault::PartitionPrimary,
         Fault::KillActiveCoordinator,
         Fault::PauseCoordinators,
         Fault::StopRedis,
+        Fault::PauseReplicaReplay,
         Fault::EtcdLost,
         Fault::EtcdLostPartitionPrimary,
         Fault::EtcdLostKillPrimary,
@@ -68,11 +82,14 @@ impl Fault {
         match self {
             Fault::KillPrimaryPostmaster => "kill -9 primary postmaster",
             Fault::KillPrimaryAgent => "kill -9 primary agent",
+            Fault::KillPrimaryNode => "kill -9 primary node",
+            Fault::PausePrimaryPostgres => "SIGSTOP primary postgres",
             Fault::PausePrimaryAgent => "SIGSTOP primary agent",
             Fault::PartitionPrimary => "partition primary",
             Fault::KillActiveCoordinator => "kill -9 active coordinator",
             Fault::PauseCoordinators => "SIGSTOP coordinators",
             Fault::StopRedis => "stop a region's redis",
+            Fault::PauseReplicaReplay => "pause replay on a replica",
             Fault::EtcdLost => "etcd lost",
             Fault::EtcdLostPartitionPrimary => "etcd lost + partition primary",
             Fault::EtcdLostKillPrimary => "etcd lost + kill -9 primary",
