@@ -134,6 +134,21 @@ pub fn failsafe_holds(now: Instant, failsafe_until: Option<Instant>) -> bool {
     failsafe_until.is_some_and(|until| now < until)
 }
 
+/// Whether a failsafe round may count for this node: etcd last named it the
+/// serving leader, and the node carries that leader's epoch (`meridian.epoch`,
+/// as read in the round). Judged against the leader record, not against the
+/// epoch this agent process promoted the node under: an agent restarted beside
+/// a running primary adopts it without having promoted it.
+pub fn failsafe_round_counts(
+    leader: Option<&LeaderRecord>,
+    me: &str,
+    node_epoch: Option<&str>,
+) -> bool {
+    leader.is_some_and(|l| {
+        l.is_serving() && l.node == me && node_epoch == Some(l.epoch.to_string().as_str())
+    })
+}
+
 /// The command-vs-epoch rule: a command whose epoch is lower than the highest the
 /// agent has seen is refused with that epoch (`Ack Stale { current }`).
 pub fn check_command_epoch(command: Epoch, highest_seen: Epoch) -> Result<(), Epoch> {
@@ -279,6 +294,20 @@ mod tests {
             since: 0,
             candidate: None,
         }
+    }
+
+    #[test]
+    fn a_failsafe_round_counts_for_the_serving_leader_in_its_epoch() {
+        let l = leader("a", 4, LeaderState::Serving);
+        assert!(failsafe_round_counts(Some(&l), "a", Some("4")));
+        // An agent restarted beside its primary knows no promotion of its own: the
+        // record is what counts.
+        assert!(!failsafe_round_counts(Some(&l), "a", Some("3")));
+        assert!(!failsafe_round_counts(Some(&l), "a", None));
+        assert!(!failsafe_round_counts(Some(&l), "b", Some("4")));
+        assert!(!failsafe_round_counts(None, "a", Some("4")));
+        let failing = leader("a", 4, LeaderState::FailingOver);
+        assert!(!failsafe_round_counts(Some(&failing), "a", Some("4")));
     }
 
     const EMPTY: LocalState = LocalState {

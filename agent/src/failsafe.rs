@@ -58,8 +58,8 @@ pub async fn round(client: &Client) -> Result<failsafe::Round, String> {
     failsafe::parse_round(&rows)
 }
 
-/// The check loop; runs until aborted.
-pub async fn run(node: Arc<PgNode>, shared: Arc<Shared>, lease_ttl: Duration) {
+/// The check loop of node `me`; runs until aborted.
+pub async fn run(node: Arc<PgNode>, shared: Arc<Shared>, me: String, lease_ttl: Duration) {
     let mut confirmations = Confirmations::new();
     let mut conn: Option<Client> = None;
     let mut last_verdict: Option<Verdict> = None;
@@ -89,11 +89,14 @@ pub async fn run(node: Arc<PgNode>, shared: Arc<Shared>, lease_ttl: Duration) {
         if let Some(client) = &conn {
             let at = Instant::now();
             match tokio::time::timeout(failsafe::POLL * 2, round(client)).await {
-                Ok(Ok(r)) if r.epoch.as_deref() == Some(state.node_epoch.to_string().as_str()) => {
-                    confirmations.record(at, r.marker, &r.standbys);
-                }
                 Ok(Ok(r)) => {
-                    tracing::warn!(epoch = ?r.epoch, node_epoch = %state.node_epoch, "failsafe: the node's meridian.epoch is not the one it was promoted under");
+                    let leader = shared.leader.borrow().clone();
+                    if decide::failsafe_round_counts(leader.as_ref(), &me, r.epoch.as_deref()) {
+                        confirmations.record(at, r.marker, &r.standbys);
+                    } else {
+                        tracing::warn!(epoch = ?r.epoch, leader = ?leader.map(|l| (l.node, l.epoch)),
+                            "failsafe: etcd did not last name this node the serving leader in the epoch it carries");
+                    }
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "failsafe round failed");

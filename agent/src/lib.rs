@@ -183,7 +183,13 @@ pub async fn run(
     );
     if cfg.failsafe {
         tasks.push(tokio::spawn(
-            failsafe::run(node.clone(), shared.clone(), cfg.lease_ttl).instrument(span.clone()),
+            failsafe::run(
+                node.clone(),
+                shared.clone(),
+                cfg.name.clone(),
+                cfg.lease_ttl,
+            )
+            .instrument(span.clone()),
         ));
     }
     tasks.push(tokio::spawn(

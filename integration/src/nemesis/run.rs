@@ -548,7 +548,9 @@ pub async fn apply(
         Fault::EtcdLostKillPrimary => {
             cluster.etcd.pause();
             tokio::time::sleep(cluster.spec.lease_ttl + Duration::from_secs(1)).await;
-            cluster.kill_postmaster(&leader.node)?;
+            cluster
+                .kill_postmaster(&leader.node)
+                .context("past the lease TTL without etcd the primary had stopped: the failsafe did not hold")?;
             tokio::time::sleep(step.hold).await;
             let promoted = promoted_without_etcd(cluster, &leader.node).await;
             cluster.etcd.resume();
