@@ -69,6 +69,8 @@ pub struct ClusterSpec {
     /// delayed by the WAN delay between the agent's region and this one.
     /// Default (`None`): the first region.
     pub coordinator_region: Option<String>,
+    /// Extra options for every region's pgproxy (e.g. `--pool-mode transaction`).
+    pub proxy_args: Vec<String>,
 }
 
 impl ClusterSpec {
@@ -86,6 +88,7 @@ impl ClusterSpec {
             wan_delays: WanDelays::none(),
             redis: true,
             coordinator_region: None,
+            proxy_args: Vec::new(),
         }
     }
 
@@ -560,6 +563,7 @@ impl LocalCluster {
         if let Ok(url) = self.redis_url(region) {
             args.extend([s("--cache-redis"), url, s("--cache-database"), s("app")]);
         }
+        args.extend(self.spec.proxy_args.iter().cloned());
         let name = format!("pgproxy-{region}");
         let proc = Proc::spawn(
             &name,

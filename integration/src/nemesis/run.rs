@@ -497,6 +497,21 @@ pub async fn apply(
             cluster.resume_coordinators();
             "every coordinator".to_owned()
         }
+        Fault::CutCoordinatorLinks => {
+            let relays = || cluster.nodes.iter().flat_map(|n| n.quic_links.values());
+            relays().for_each(|r| r.control().cut());
+            tokio::time::sleep(step.hold).await;
+            relays().for_each(|r| r.control().heal());
+            let after = cluster.leader().await?.context("no leader after the cut")?;
+            anyhow::ensure!(
+                after.epoch == leader.epoch,
+                "the coordinators replaced the primary {} (epoch {} -> {}) although only their QUIC links were cut",
+                leader.node,
+                leader.epoch,
+                after.epoch
+            );
+            "every agent's QUIC".to_owned()
+        }
         Fault::StopRedis => {
             let region = cluster.spec.regions[step.region % cluster.spec.regions.len()].clone();
             cluster.stop_redis(&region).await?;

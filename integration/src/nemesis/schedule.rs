@@ -9,9 +9,7 @@ use serde::Serialize;
 
 /// One kind of fault, applied to whatever node or coordinator holds the role when it
 /// starts (the primary moves between faults).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
     /// `kill -9` of the primary's postmaster (its agent stays): a failover, the old
@@ -35,6 +33,10 @@ pub enum Fault {
     KillActiveCoordinator,
     /// SIGSTOP of every coordinator for the hold.
     PauseCoordinators,
+    /// Every agent's QUIC link to the coordinators cut for the hold (etcd and
+    /// Postgres untouched): the coordinators hear no heartbeat at all, and must not
+    /// replace a primary that their own probe still reaches.
+    CutCoordinatorLinks,
     /// One region's Redis stopped for the hold.
     StopRedis,
     /// WAL replay paused on one replica (`pg_wal_replay_pause`) for the hold: reads
@@ -54,7 +56,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 13] = [
+    pub const ALL: [Fault; 14] = [
         Fault::KillPrimaryPostmaster,
         Fault::KillPrimaryAgent,
         Fault::KillPrimaryNode,
@@ -63,6 +65,7 @@ impl Fault {
         Fault::PartitionPrimary,
         Fault::KillActiveCoordinator,
         Fault::PauseCoordinators,
+        Fault::CutCoordinatorLinks,
         Fault::StopRedis,
         Fault::PauseReplicaReplay,
         Fault::EtcdLost,
@@ -88,6 +91,7 @@ impl Fault {
             Fault::PartitionPrimary => "partition primary",
             Fault::KillActiveCoordinator => "kill -9 active coordinator",
             Fault::PauseCoordinators => "SIGSTOP coordinators",
+            Fault::CutCoordinatorLinks => "cut the coordinators' QUIC",
             Fault::StopRedis => "stop a region's redis",
             Fault::PauseReplicaReplay => "pause replay on a replica",
             Fault::EtcdLost => "etcd lost",
