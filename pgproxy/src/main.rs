@@ -53,6 +53,10 @@ struct Args {
     /// Maximum backend connections per (backend, database, user) pool [default: 50].
     #[arg(long, env = "MERIDIAN_PGPROXY_POOL_SIZE")]
     pool_size: Option<u32>,
+    /// Idle connections above the minimum close after this; a pool left without
+    /// connections is dropped once it was not asked for this long [default: 10m].
+    #[arg(long, env = "MERIDIAN_PGPROXY_POOL_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pool_idle_timeout: Option<Duration>,
     /// Maximum client connections, counted from accept (clients still logging in
     /// included) [default: 1000].
     #[arg(long, env = "MERIDIAN_PGPROXY_MAX_CLIENTS")]
@@ -157,6 +161,9 @@ impl Args {
         }
         if let Some(v) = self.pool_mode {
             cfg.pool.mode = v;
+        }
+        if let Some(v) = self.pool_idle_timeout {
+            cfg.pool.idle_timeout = v;
         }
         if let Some(v) = self.pool_size {
             cfg.pool.max_size = v;
