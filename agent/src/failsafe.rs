@@ -13,30 +13,11 @@ use std::time::{Duration, Instant};
 
 use meridian_shared::failsafe::{self, Confirmations, Verdict};
 use meridian_shared::records::Role;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
-use tracing::Instrument;
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::decide;
 use crate::postgres::PgNode;
 use crate::state::Shared;
-
-async fn connect(node: &PgNode) -> Result<Client, tokio_postgres::Error> {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(node.host())
-        .port(node.port())
-        .user(crate::postgres::config::SUPERUSER)
-        .dbname("postgres")
-        .application_name("meridian-agent failsafe")
-        .connect_timeout(crate::probe::CONNECT_TIMEOUT);
-    let (client, connection) = cfg.connect(NoTls).await?;
-    tokio::spawn(
-        async move {
-            let _ = connection.await;
-        }
-        .instrument(tracing::debug_span!("failsafe_connection")),
-    );
-    Ok(client)
-}
 
 /// Runs [`failsafe::ROUND_SQL`] and parses it.
 pub async fn round(client: &Client) -> Result<failsafe::Round, String> {
@@ -81,10 +62,13 @@ pub async fn run(node: Arc<PgNode>, shared: Arc<Shared>, me: String, lease_ttl: 
             continue;
         }
         if conn.as_ref().is_none_or(Client::is_closed) {
-            conn = tokio::time::timeout(crate::probe::CONNECT_TIMEOUT, connect(&node))
-                .await
-                .ok()
-                .and_then(Result::ok);
+            conn = tokio::time::timeout(
+                crate::probe::CONNECT_TIMEOUT,
+                crate::probe::connect_local(&node, "failsafe"),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok);
         }
         if let Some(client) = &conn {
             let at = Instant::now();
@@ -115,12 +99,7 @@ pub async fn run(node: Arc<PgNode>, shared: Arc<Shared>, me: String, lease_ttl: 
             _ => None,
         };
         shared.set_failsafe_until(until);
-        let changed = match (&last_verdict, &verdict) {
-            (Some(Verdict::Confirmed { .. }), Verdict::Confirmed { .. }) => false,
-            (Some(a), b) => a != b,
-            (None, _) => true,
-        };
-        if changed {
+        if verdict.is_news_after(last_verdict.as_ref()) {
             match &verdict {
                 Verdict::Confirmed { .. } => tracing::warn!(
                     replicas = ?replicas,

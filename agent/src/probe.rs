@@ -50,20 +50,26 @@ pub async fn postmaster_alive(node: &PgNode) -> bool {
     matches!(node.pid_file().await, Ok(Some(_)))
 }
 
-async fn connect(node: &PgNode) -> Result<Client, tokio_postgres::Error> {
+/// A superuser connection to the node's own PostgreSQL (connect timeout
+/// [`CONNECT_TIMEOUT`]), its connection task spawned; `purpose` names it in
+/// `application_name` ("meridian-agent {purpose}").
+pub(crate) async fn connect_local(
+    node: &PgNode,
+    purpose: &str,
+) -> Result<Client, tokio_postgres::Error> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(node.host())
         .port(node.port())
         .user(crate::postgres::config::SUPERUSER)
         .dbname("postgres")
-        .application_name("meridian-agent probe")
+        .application_name(format!("meridian-agent {purpose}"))
         .connect_timeout(CONNECT_TIMEOUT);
     let (client, connection) = cfg.connect(NoTls).await?;
     tokio::spawn(
         async move {
             let _ = connection.await;
         }
-        .instrument(tracing::debug_span!("probe_connection")),
+        .instrument(tracing::debug_span!("local_connection", purpose)),
     );
     Ok(client)
 }
@@ -128,7 +134,7 @@ pub async fn probe_once(node: &PgNode, conn: &mut Option<Client>, timeout: Durat
         return PgStatus::default();
     }
     if conn.as_ref().is_none_or(Client::is_closed) {
-        *conn = match tokio::time::timeout(CONNECT_TIMEOUT, connect(node)).await {
+        *conn = match tokio::time::timeout(CONNECT_TIMEOUT, connect_local(node, "probe")).await {
             Ok(Ok(c)) => Some(c),
             _ => None,
         };

@@ -133,12 +133,7 @@ pub async fn check_loop(lease_ttl: Duration, params: ConnectParams, view: impl V
             Verdict::Confirmed { until } => Some(*until),
             _ => None,
         });
-        let changed_kind = match (&last_verdict, &verdict) {
-            (Some(Verdict::Confirmed { .. }), Verdict::Confirmed { .. }) => false,
-            (Some(a), b) => a != b,
-            (None, _) => true,
-        };
-        if changed_kind {
+        if verdict.is_news_after(last_verdict.as_ref()) {
             match &verdict {
                 Verdict::Confirmed { .. } => warn!(
                     leader = %leader.node,

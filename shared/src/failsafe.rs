@@ -114,6 +114,17 @@ impl Verdict {
     pub fn holds(&self, now: Instant) -> bool {
         matches!(self, Verdict::Confirmed { until } if now < *until)
     }
+
+    /// Whether this verdict is news after `previous` (worth a log line): the first
+    /// one, or a different one, except that a confirmation only moving its `until`
+    /// forward is the same news.
+    pub fn is_news_after(&self, previous: Option<&Verdict>) -> bool {
+        match (previous, self) {
+            (Some(Verdict::Confirmed { .. }), Verdict::Confirmed { .. }) => false,
+            (Some(a), b) => a != b,
+            (None, _) => true,
+        }
+    }
 }
 
 /// Markers written and the standbys' answers to them.
@@ -213,6 +224,22 @@ pub fn promotion_wait(now: Instant, last_heard: Instant, old_fenced: bool) -> Du
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verdict_is_news_when_its_kind_or_member_changes_not_its_until() {
+        let t0 = Instant::now();
+        let confirmed = |s| Verdict::Confirmed {
+            until: t0 + Duration::from_secs(s),
+        };
+        let unconfirmed = |m: &str| Verdict::Unconfirmed { member: m.into() };
+        assert!(Verdict::Unchecked.is_news_after(None));
+        assert!(!Verdict::Unchecked.is_news_after(Some(&Verdict::Unchecked)));
+        assert!(confirmed(1).is_news_after(Some(&Verdict::Unchecked)));
+        assert!(!confirmed(2).is_news_after(Some(&confirmed(1))));
+        assert!(unconfirmed("a").is_news_after(Some(&confirmed(2))));
+        assert!(!unconfirmed("a").is_news_after(Some(&unconfirmed("a"))));
+        assert!(unconfirmed("b").is_news_after(Some(&unconfirmed("a"))));
+    }
 
     fn ms(t0: Instant, n: u64) -> Instant {
         t0 + Duration::from_millis(n)
