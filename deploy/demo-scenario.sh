@@ -277,8 +277,22 @@ cached_is() {
     && awk -v a="$(proxy_metric eu-west "$HITS")" -v b="$2" 'BEGIN { exit !(a > b) }'
 }
 expect "eu-west reads '$TOKEN-v1' and its proxy counts cache hits (the entry lives in redis-eu-west)"
+# On failure, say why no entry was served: every lookup outcome of the proxy, the
+# freshness lease keys in redis-eu-west (a lagging lookup means the lease of the
+# proxy's epoch is missing) and what each agent last said about its lease.
+cache_diagnosis() {
+  local c r
+  c="$(cid "pgproxy-eu-west")" && docker exec "$c" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9187; printf "GET /metrics HTTP/1.0\r\n\r\n" >&3; cat <&3' 2>/dev/null \
+    | grep -E 'cache_lookups_total|epoch' | grep -v '^#' | sed 's/^/  | pgproxy-eu-west: /'
+  c="$(cid "redis-eu-west")" && for k in $(docker exec "$c" redis-cli --scan --pattern '*fresh*' 2>/dev/null); do
+    say "  | redis-eu-west: $k = $(docker exec "$c" redis-cli GET "$k" 2>&1), pttl $(docker exec "$c" redis-cli PTTL "$k" 2>&1) ms"
+  done
+  for r in $REGIONS; do
+    c="$(cid "node-$r")" && docker logs "$c" 2>&1 | grep -E 'freshness lease|horizon' | tail -3 | sed "s/^/  | node-$r: /"
+  done
+}
 wait_until 60 "a cache hit on '$TOKEN-v1' in eu-west" cached_is "$TOKEN-v1" "$HITS_BEFORE" \
-  || fail "no cache hit in eu-west (hits $(proxy_metric eu-west "$HITS"), was $HITS_BEFORE; lagging lookups $(proxy_metric eu-west 'cache_lookups_total{outcome="lagging"}'), misses $(proxy_metric eu-west 'cache_lookups_total{outcome="miss"}'))"
+  || { cache_diagnosis >&2; fail "no cache hit in eu-west (hits $(proxy_metric eu-west "$HITS"), was $HITS_BEFORE; lagging lookups $(proxy_metric eu-west 'cache_lookups_total{outcome="lagging"}'), misses $(proxy_metric eu-west 'cache_lookups_total{outcome="miss"}'))"; }
 ok "cache hits in eu-west: $(proxy_metric eu-west "$HITS")"
 upsert "$TOKEN-v2" || fail "second upsert failed"
 new_value_in_eu() { [ "$(lg_query eu-west "$CACHED_Q" 2>/dev/null)" = "$TOKEN-v2" ]; }
