@@ -343,12 +343,15 @@ async fn wan_checks(cluster: &mut LocalCluster) -> anyhow::Result<()> {
 
     // etcd sits with the coordinators: eu-west's agent and proxy reach it
     // through links with the pair's delay, us-east's without delay.
-    assert_eq!(west.etcd_link.control().state().delay, PAIR);
-    assert_eq!(east.etcd_link.control().state().delay, Duration::ZERO);
-    let eu_etcd = &cluster.proxy("eu-west")?.etcd_link;
+    assert_eq!(west.etcd_links[0].control().state().delay, PAIR);
+    assert_eq!(east.etcd_links[0].control().state().delay, Duration::ZERO);
+    let eu_etcd = &cluster.proxy("eu-west")?.etcd_links[0];
     assert_eq!(eu_etcd.control().state().delay, PAIR);
     assert_eq!(
-        cluster.proxy("us-east")?.etcd_link.control().state().delay,
+        cluster.proxy("us-east")?.etcd_links[0]
+            .control()
+            .state()
+            .delay,
         Duration::ZERO
     );
     let url = format!("http://{}", eu_etcd.local_addr());

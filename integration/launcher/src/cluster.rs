@@ -1,16 +1,18 @@
-//! [`LocalCluster`]: a whole Meridian cluster as processes on loopback. One etcd,
-//! N coordinators, and per region one Postgres node (its agent runs it), one
-//! pgproxy and (unless `redis` is off) one `redis-server`. Every node is reached
+//! [`LocalCluster`]: a whole Meridian cluster as processes on loopback. etcd (one
+//! member, or `etcd_members` forming one cluster), N coordinators, and per region
+//! one Postgres node (its agent runs it), one pgproxy and (unless `redis` is off)
+//! one `redis-server`. Every node is reached
 //! by everybody else through WAN [`Link`]s: one per region of the cluster, each
 //! delayed by the one-way [`WanDelays`] delay between that region and the node's
 //! (zero within a region). The agent advertises them as `members/<node>.pg_addrs`
 //! (`--advertise-pg-addr-for REGION=ADDR`), and its `pg_addr` is the same-region
 //! one, so proxies and standbys of region R dial the node through R's link. Each
-//! agent reaches etcd through its own link, so a test can partition one node
-//! from the rest of the cluster (every link of it cut) while a writer still
-//! reaches it directly on its real port. etcd sits with the coordinators (see
-//! below): an agent's etcd link, and the link each region's proxy reaches etcd
-//! through, carry the WAN delay between their region and the coordinators'.
+//! agent reaches etcd through links of its own (one per member), so a test can
+//! partition one node from the rest of the cluster (every link of it cut) while a
+//! writer still reaches it directly on its real port. etcd sits with the
+//! coordinators (see below): an agent's etcd links, and those each region's proxy
+//! reaches etcd through, carry the WAN delay between their region and the
+//! coordinators'.
 //!
 //! The coordinators sit in one region (`coordinator_region`, default the first)
 //! and the agents' QUIC traffic to them is delayed too: every node has its own
@@ -71,6 +73,8 @@ pub struct ClusterSpec {
     pub coordinator_region: Option<String>,
     /// Extra options for every region's pgproxy (e.g. `--pool-mode transaction`).
     pub proxy_args: Vec<String>,
+    /// etcd members (production runs three). Default 1.
+    pub etcd_members: usize,
 }
 
 impl ClusterSpec {
@@ -89,6 +93,7 @@ impl ClusterSpec {
             redis: true,
             coordinator_region: None,
             proxy_args: Vec::new(),
+            etcd_members: 1,
         }
     }
 
@@ -115,8 +120,8 @@ pub struct Node {
     /// Every other region reaches it through its own link, delayed by the WAN
     /// delay between that region and this node's.
     pub region_links: BTreeMap<String, Link>,
-    /// This node's agent reaches etcd through this link.
-    pub etcd_link: Link,
+    /// This node's agent reaches etcd through these links, one per member.
+    pub etcd_links: Vec<Link>,
     /// This node's agent reaches each coordinator's QUIC port through its own
     /// relay (coordinator name -> relay), delayed by the WAN delay between this
     /// node's region and the coordinators'.
@@ -172,7 +177,9 @@ impl Node {
         for link in self.links() {
             link.control().cut();
         }
-        self.etcd_link.control().cut();
+        for link in &self.etcd_links {
+            link.control().cut();
+        }
         for relay in self.quic_links.values() {
             relay.control().cut();
         }
@@ -183,7 +190,9 @@ impl Node {
         for link in self.links() {
             link.control().heal();
         }
-        self.etcd_link.control().heal();
+        for link in &self.etcd_links {
+            link.control().heal();
+        }
         for relay in self.quic_links.values() {
             relay.control().heal();
         }
@@ -212,9 +221,9 @@ pub struct Proxy {
     pub region: String,
     pub port: u16,
     pub admin_addr: String,
-    /// The proxy's way to etcd (delayed like its region's traffic to the
-    /// coordinators' region).
-    pub etcd_link: Link,
+    /// The proxy's way to etcd, one link per member (delayed like its region's
+    /// traffic to the coordinators' region).
+    pub etcd_links: Vec<Link>,
     proc: Option<Proc>,
 }
 
@@ -283,7 +292,7 @@ impl LocalCluster {
         pki_names.extend(node_names.iter().map(String::as_str));
         write_dev_pki(&certs, &pki_names)?;
 
-        let etcd = Etcd::start(&dir).await?;
+        let etcd = Etcd::start_members(&dir, spec.etcd_members).await?;
         let keys = Keys::new(&spec.cluster);
         if let Some(config) = &spec.config {
             config.validate()?;
@@ -359,7 +368,7 @@ impl LocalCluster {
                 .await?;
                 region_links.insert(other.clone(), link);
             }
-            let etcd_link = cluster.etcd_link(region).await?;
+            let etcd_links = cluster.etcd_links(region).await?;
             let pki = PkiPaths::in_dir(&cluster.certs, &name);
             let mut args = vec![
                 s("--name"),
@@ -369,7 +378,7 @@ impl LocalCluster {
                 s("--cluster"),
                 spec.cluster.clone(),
                 s("--etcd"),
-                format!("http://{}", etcd_link.local_addr()),
+                link_urls(&etcd_links),
                 s("--data-dir"),
                 node_dir.join("data").to_string_lossy().into_owned(),
                 s("--pg-port"),
@@ -414,7 +423,7 @@ impl LocalCluster {
                 initial_role: if i == 0 { "primary" } else { "replica" },
                 ingress,
                 region_links,
-                etcd_link,
+                etcd_links,
                 quic_links: quic_links.remove(region).unwrap_or_default(),
                 agent_args: args,
                 agent: None,
@@ -479,7 +488,7 @@ impl LocalCluster {
             s("--cluster"),
             self.spec.cluster.clone(),
             s("--etcd"),
-            self.etcd.client_url().to_owned(),
+            self.etcd.client_urls(),
             s("--quic-listen"),
             quic_addr.clone(),
             s("--admin-listen"),
@@ -525,25 +534,31 @@ impl LocalCluster {
         Ok(pid)
     }
 
-    /// A link to etcd for an agent or proxy of `region`: etcd sits with the
-    /// coordinators, so it carries the delay between the two regions.
-    async fn etcd_link(&self, region: &str) -> anyhow::Result<Link> {
+    /// Links to each etcd member for an agent or proxy of `region`: etcd sits
+    /// with the coordinators, so they carry the delay between the two regions.
+    async fn etcd_links(&self, region: &str) -> anyhow::Result<Vec<Link>> {
         let delay = self
             .spec
             .wan_delays
             .get(region, self.spec.coordinator_region());
-        Ok(Link::start(
-            "127.0.0.1:0".parse()?,
-            self.etcd.client_addr().to_owned(),
-            LinkControl::new(delay, Duration::ZERO),
-        )
-        .await?)
+        let mut links = Vec::new();
+        for addr in self.etcd.client_addrs() {
+            links.push(
+                Link::start(
+                    "127.0.0.1:0".parse()?,
+                    addr,
+                    LinkControl::new(delay, Duration::ZERO),
+                )
+                .await?,
+            );
+        }
+        Ok(links)
     }
 
     async fn spawn_proxy(&mut self, region: &str) -> anyhow::Result<()> {
         let port = free_port()?;
         let admin_addr = format!("127.0.0.1:{}", free_port()?);
-        let etcd_link = self.etcd_link(region).await?;
+        let etcd_links = self.etcd_links(region).await?;
         let args = vec![
             s("--listen"),
             format!("127.0.0.1:{port}"),
@@ -552,7 +567,7 @@ impl LocalCluster {
             s("--auth"),
             s("trust"),
             s("--etcd"),
-            format!("http://{}", etcd_link.local_addr()),
+            link_urls(&etcd_links),
             s("--cluster"),
             self.spec.cluster.clone(),
             s("--region"),
@@ -576,7 +591,7 @@ impl LocalCluster {
             region: region.to_owned(),
             port,
             admin_addr,
-            etcd_link,
+            etcd_links,
             proc: Some(proc),
         });
         Ok(())
@@ -809,7 +824,7 @@ impl LocalCluster {
     pub fn cluster_file(&self) -> ClusterFile {
         ClusterFile {
             cluster: self.spec.cluster.clone(),
-            etcd: vec![self.etcd.client_url().to_owned()],
+            etcd: self.etcd.endpoints(),
             coordinators: self
                 .coordinators
                 .iter()
@@ -933,4 +948,13 @@ pub async fn connect(dsn: &str) -> anyhow::Result<tokio_postgres::Client> {
         let _ = conn.await;
     });
     Ok(client)
+}
+
+/// The `--etcd` value that reaches etcd through `links`: their URLs, comma-separated.
+fn link_urls(links: &[Link]) -> String {
+    links
+        .iter()
+        .map(|l| format!("http://{}", l.local_addr()))
+        .collect::<Vec<_>>()
+        .join(",")
 }

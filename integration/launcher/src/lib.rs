@@ -72,6 +72,9 @@ pub struct UpArgs {
     /// region's agent as --redis).
     #[arg(long)]
     pub no_redis: bool,
+    /// etcd members (3 as production runs: one can be lost without losing the quorum).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=7))]
+    pub etcd_members: u16,
 }
 
 /// Runs a `local` subcommand.
@@ -94,6 +97,7 @@ async fn run_up(up: UpArgs) -> anyhow::Result<()> {
     spec.wan_delays = WanDelays::parse(up.wan_delay.as_deref().unwrap_or(""), &spec.regions)
         .map_err(|e| anyhow::anyhow!(e))?;
     spec.redis = !up.no_redis;
+    spec.etcd_members = usize::from(up.etcd_members);
     eprintln!(
         "starting cluster {:?} in {} (logs in {}/logs)…",
         spec.cluster,
