@@ -11,6 +11,7 @@
 //! Limits: everything runs on this host; PostgreSQL programs come from the
 //! Debian packages that `integration/run-tests.sh` installs.
 
+pub mod bench;
 pub mod containers;
 pub mod etcd;
 pub mod nemesis;

@@ -18,10 +18,9 @@ use std::time::Duration;
 
 use meridian_integration::nemesis::check::{longest_gap, Window};
 use meridian_integration::nemesis::history::{Kind, Outcome};
-use meridian_integration::nemesis::run;
 use meridian_integration::nemesis::schedule::{Fault, Step};
-use meridian_launcher::{ClusterSpec, LocalCluster};
-use meridian_shared::records::{ClusterConfig, SyncMode};
+use meridian_integration::nemesis::{cluster, run};
+use meridian_launcher::LocalCluster;
 
 const REGIONS: [&str; 3] = ["us-east", "us-west", "eu-west"];
 /// Longest a region's proxy may go without an acknowledged write while etcd is away
@@ -40,25 +39,11 @@ fn step(fault: Fault, hold_ms: u64) -> Step {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_outage_keeps_writes_going_and_a_fault_during_it_promotes_nobody() {
     meridian_shared::telemetry::init();
-    let dir = tempfile::Builder::new()
-        .prefix("meridian-failsafe-")
-        .tempdir()
-        .unwrap();
-    let mut spec = ClusterSpec::new(dir.path(), &REGIONS);
-    spec.config = Some(ClusterConfig {
-        sync_mode: SyncMode::On,
-        ..ClusterConfig::default()
-    });
-    let mut cluster = LocalCluster::start(spec).await.unwrap();
-    let result = scenario(&mut cluster, dir.path()).await;
-    if let Err(e) = &result {
-        eprintln!("{e:#}\n{}", cluster.log_tails(80));
-    }
-    cluster.stop().await;
-    if result.is_err() {
-        eprintln!("failsafe: kept {}", dir.keep().display());
-    }
-    result.unwrap();
+    cluster::with_sync_cluster("failsafe", &REGIONS, 80, async |c, dir| {
+        scenario(c, dir).await
+    })
+    .await
+    .unwrap();
 }
 
 async fn scenario(cluster: &mut LocalCluster, dir: &std::path::Path) -> anyhow::Result<()> {

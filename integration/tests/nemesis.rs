@@ -12,9 +12,8 @@
 //! the test command is reproducible); the history is written as JSON lines next to the
 //! cluster's logs and its path printed.
 
-use meridian_integration::nemesis::run;
-use meridian_launcher::{ClusterSpec, LocalCluster};
-use meridian_shared::records::{ClusterConfig, SyncMode};
+use meridian_integration::nemesis::{cluster, run};
+use meridian_launcher::LocalCluster;
 
 const REGIONS: [&str; 3] = ["us-east", "us-west", "eu-west"];
 const SCHEDULES: u64 = 3;
@@ -28,26 +27,11 @@ async fn random_faults_lose_no_acknowledged_write_and_break_no_invariant() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_SEED);
-    let dir = tempfile::Builder::new()
-        .prefix("meridian-nemesis-")
-        .tempdir()
-        .unwrap();
-    let mut spec = ClusterSpec::new(dir.path(), &REGIONS);
-    spec.config = Some(ClusterConfig {
-        sync_mode: SyncMode::On,
-        ..ClusterConfig::default()
-    });
-    let mut cluster = LocalCluster::start(spec).await.unwrap();
-    let result = scenario(&mut cluster, seed, dir.path()).await;
-    if let Err(e) = &result {
-        eprintln!("{e:#}\n{}", cluster.log_tails(60));
-    }
-    cluster.stop().await;
-    if result.is_err() {
-        // The history and every log stay for the post-mortem.
-        eprintln!("nemesis: kept {}", dir.keep().display());
-    }
-    result.unwrap();
+    cluster::with_sync_cluster("nemesis", &REGIONS, 60, async |c, dir| {
+        scenario(c, seed, dir).await
+    })
+    .await
+    .unwrap();
 }
 
 async fn scenario(

@@ -1132,14 +1132,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(dir) = &args.bin_dir {
-        // Read by the launcher (`Binaries::locate`); set before any thread exists.
-        std::env::set_var("MERIDIAN_BIN_DIR", dir);
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(args))
+    let bin_dir = args.bin_dir.clone();
+    meridian_integration::bench::main(bin_dir.as_deref(), run(args))
 }
 
 #[cfg(test)]

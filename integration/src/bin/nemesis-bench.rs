@@ -23,12 +23,8 @@ use meridian_shared::records::{ClusterConfig, SyncMode};
 #[derive(Parser, Debug)]
 #[command(about = "Random fault schedules against a local cluster, with a history checker")]
 struct Args {
-    /// Directory of the Meridian programs (default: this program's directory).
-    #[arg(long, env = "MERIDIAN_BIN_DIR", value_name = "DIR")]
-    bin_dir: Option<std::path::PathBuf>,
-    /// Where the cluster, its logs and the history go (default: a new temporary dir, kept).
-    #[arg(long)]
-    dir: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    dirs: meridian_integration::bench::BenchDirs,
     /// Seed of the first schedule (the next ones take seed + 1, ...). Default: the clock.
     #[arg(long)]
     seed: Option<u64>,
@@ -50,14 +46,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(dir) = &args.bin_dir {
-        // Read by the launcher (`Binaries::locate`); set before any thread exists.
-        std::env::set_var("MERIDIAN_BIN_DIR", dir);
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(bench(args))
+    let bin_dir = args.dirs.bin_dir.clone();
+    meridian_integration::bench::main(bin_dir.as_deref(), bench(args))
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
@@ -73,18 +63,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "off" => SyncMode::Off,
         other => anyhow::bail!("--sync must be on or off, not {other:?}"),
     };
-    let dir = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => tempfile::Builder::new()
-            .prefix("meridian-nemesis-")
-            .tempdir()?
-            .keep(),
-    };
+    let dir = args.dirs.work_dir("meridian-nemesis-")?;
     let regions = ["us-east", "us-west", "eu-west"];
     let mut spec = ClusterSpec::new(&dir, &regions);
+    spec.etcd_members = meridian_integration::nemesis::cluster::ETCD_MEMBERS;
     spec.config = Some(ClusterConfig {
         sync_mode,
         ..ClusterConfig::default()
@@ -174,6 +156,18 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     println!(
         "| final bank total | {} (expected {}) |",
         v.final_total, v.expected_total
+    );
+    println!(
+        "| transfers acknowledged / lost (of them in a failover) / reported failed, yet applied / phantom | {} / {} ({}) / {} / {} |",
+        v.acked_transfers,
+        v.lost_transfers.len(),
+        v.lost_transfers_in_failover.len(),
+        v.failed_transfers_applied.len(),
+        v.phantom_transfers.len()
+    );
+    println!(
+        "| accounts whose balance disagrees with the transfer ledger (double or partial transfer) | {} |",
+        v.ledger_mismatches.len()
     );
     let s = &v.sessions;
     println!(

@@ -36,12 +36,8 @@ use tokio_postgres::Client;
 #[derive(Parser, Debug)]
 #[command(about = "Soak and idle-client benchmarks through one proxy of a local cluster")]
 struct Args {
-    /// Directory of the Meridian programs (default: this program's directory).
-    #[arg(long, env = "MERIDIAN_BIN_DIR", value_name = "DIR")]
-    bin_dir: Option<std::path::PathBuf>,
-    /// Where the cluster and its logs go (default: a new temporary dir, kept).
-    #[arg(long)]
-    dir: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    dirs: meridian_integration::bench::BenchDirs,
     /// An extra pgproxy option (repeat it), e.g. `--proxy-arg=--pool-idle-timeout=30s`.
     #[arg(long, allow_hyphen_values = true)]
     proxy_arg: Vec<String>,
@@ -84,28 +80,13 @@ const FAILOVER_TAIL: Duration = Duration::from_secs(5);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(dir) = &args.bin_dir {
-        // Read by the launcher (`Binaries::locate`); set before any thread exists.
-        std::env::set_var("MERIDIAN_BIN_DIR", dir);
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(bench(args))
+    let bin_dir = args.dirs.bin_dir.clone();
+    meridian_integration::bench::main(bin_dir.as_deref(), bench(args))
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
     meridian_shared::telemetry::init();
-    let dir = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => tempfile::Builder::new()
-            .prefix("meridian-soak-")
-            .tempdir()?
-            .keep(),
-    };
+    let dir = args.dirs.work_dir("meridian-soak-")?;
     let clients = match args.mode {
         Mode::Soak { clients, .. } | Mode::Idle { clients, .. } => clients,
     };

@@ -12,6 +12,13 @@
 //!   a replaced primary accepted a write after its successor served one.
 //! - **Bank:** every read of the total (one statement, one snapshot, wherever it ran) and the
 //!   final total equal the initial total; transfers move money, never make or lose it.
+//! - **Transfers:** each transfer records its unique id in a ledger in its own transaction.
+//!   Every account's final balance must be its start plus what the ledger moved in and out
+//!   (a transfer applied twice, or applied without its ledger row, breaks that: no double
+//!   transfer); an acknowledged transfer missing from the ledger is lost (asynchronous
+//!   replication: allowed only across a failover, as for inserts), one that got a definite
+//!   error and is in the ledger was applied although reported failed, and a ledger id no
+//!   client tried is a phantom.
 //! - **Sessions:** read-your-writes, monotonic reads and the causal token ([`sessions`]).
 //! - **Unavailability:** per fault, the longest time within its window (start to converged)
 //!   without an acknowledged write.
@@ -25,7 +32,51 @@ use super::sessions::{self, SessionVerdicts};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Final {
     pub log_ids: BTreeSet<i64>,
-    pub bank_total: i64,
+    /// Account -> balance.
+    pub balances: BTreeMap<i32, i64>,
+    /// The transfer ledger: id -> what it moved.
+    pub transfers: BTreeMap<i64, Transfer>,
+}
+
+/// One row of the transfer ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transfer {
+    pub from: i32,
+    pub to: i32,
+    pub amount: i64,
+}
+
+/// The bank as set up: accounts `1..=accounts`, each starting with `start_balance`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bank {
+    pub accounts: i32,
+    pub start_balance: i64,
+}
+
+impl Bank {
+    /// The total, which no transfer changes.
+    pub fn total(&self) -> i64 {
+        i64::from(self.accounts) * self.start_balance
+    }
+
+    /// Accounts whose balance in `fin` is not their start plus what the ledger moved:
+    /// `(account, balance, by the ledger)`.
+    pub fn ledger_mismatches(&self, fin: &Final) -> Vec<(i32, i64, i64)> {
+        let mut by_ledger: BTreeMap<i32, i64> = (1..=self.accounts)
+            .map(|a| (a, self.start_balance))
+            .collect();
+        for t in fin.transfers.values() {
+            *by_ledger.entry(t.from).or_default() -= t.amount;
+            *by_ledger.entry(t.to).or_default() += t.amount;
+        }
+        by_ledger
+            .into_iter()
+            .filter_map(|(a, want)| {
+                let got = fin.balances.get(&a).copied().unwrap_or(i64::MIN);
+                (got != want).then_some((a, got, want))
+            })
+            .collect()
+    }
 }
 
 /// A fault's window in the history's clock.
@@ -56,6 +107,17 @@ pub struct Verdicts {
     pub bad_totals: Vec<i64>,
     pub final_total: i64,
     pub expected_total: i64,
+    pub acked_transfers: usize,
+    /// Acknowledged transfers missing from the ledger.
+    pub lost_transfers: Vec<i64>,
+    /// Of `lost_transfers`, those acknowledged in an epoch a failover ended.
+    pub lost_transfers_in_failover: Vec<i64>,
+    /// Transfers that got a definite error but are in the ledger.
+    pub failed_transfers_applied: Vec<i64>,
+    /// Ledger ids no client tried.
+    pub phantom_transfers: Vec<i64>,
+    /// `(account, balance, by the ledger)`: a transfer applied twice or partially.
+    pub ledger_mismatches: Vec<(i32, i64, i64)>,
     /// Per window given, the longest stretch without an acknowledged write (ms).
     pub unavailable_ms: Vec<u64>,
     /// Of the windows given, those in which a newer epoch took over (acknowledged writes
@@ -127,6 +189,43 @@ impl Verdicts {
                 self.final_total, self.expected_total
             ));
         }
+        let unexplained: Vec<i64> = self
+            .lost_transfers
+            .iter()
+            .filter(|id| synchronous || !self.lost_transfers_in_failover.contains(id))
+            .copied()
+            .collect();
+        if !unexplained.is_empty() {
+            v.push(format!(
+                "{} acknowledged transfers lost{}: {:?}",
+                unexplained.len(),
+                if synchronous {
+                    ""
+                } else {
+                    " without a failover"
+                },
+                first(&unexplained)
+            ));
+        }
+        if !self.failed_transfers_applied.is_empty() {
+            v.push(format!(
+                "{} transfers reported failed were applied: {:?}",
+                self.failed_transfers_applied.len(),
+                first(&self.failed_transfers_applied)
+            ));
+        }
+        if !self.phantom_transfers.is_empty() {
+            v.push(format!(
+                "phantom transfer ids in the ledger: {:?}",
+                first(&self.phantom_transfers)
+            ));
+        }
+        if !self.ledger_mismatches.is_empty() {
+            v.push(format!(
+                "balances disagree with the transfer ledger (account, balance, by the ledger; a transfer applied twice or in part): {:?}",
+                first(&self.ledger_mismatches)
+            ));
+        }
         v.extend(self.sessions.violations(synchronous));
         v
     }
@@ -136,13 +235,18 @@ fn first<T: Clone>(v: &[T]) -> Vec<T> {
     v.iter().take(10).cloned().collect()
 }
 
-/// Checks `history` against the final state; `windows`: the faults' windows.
-pub fn check(history: &[Op], fin: &Final, expected_total: i64, windows: &[Window]) -> Verdicts {
+/// Checks `history` against the final state of `bank`; `windows`: the faults' windows.
+pub fn check(history: &[Op], fin: &Final, bank: &Bank, windows: &[Window]) -> Verdicts {
+    let expected_total = bank.total();
     let mut verdicts = Verdicts {
-        final_total: fin.bank_total,
+        final_total: fin.balances.values().sum(),
         expected_total,
+        ledger_mismatches: bank.ledger_mismatches(fin),
         ..Verdicts::default()
     };
+    let mut transfers_tried = BTreeSet::new();
+    // (id, epoch) of acknowledged transfers.
+    let mut acked_transfers: Vec<(i64, Option<u64>)> = Vec::new();
     let mut attempted = BTreeSet::new();
     // (start, end, id, epoch) of acknowledged inserts.
     let mut acked: Vec<(u64, u64, i64, Option<u64>)> = Vec::new();
@@ -167,6 +271,23 @@ pub fn check(history: &[Op], fin: &Final, expected_total: i64, windows: &[Window
                     Outcome::Unknown { .. } => verdicts.indeterminate_inserts += 1,
                 }
             }
+            (Kind::Transfer { id, .. }, outcome) => {
+                transfers_tried.insert(*id);
+                let in_ledger = fin.transfers.contains_key(id);
+                match outcome {
+                    Outcome::Ok { epoch, .. } => {
+                        verdicts.acked_transfers += 1;
+                        acked_transfers.push((*id, *epoch));
+                        if !in_ledger {
+                            verdicts.lost_transfers.push(*id);
+                        }
+                    }
+                    Outcome::Fail { .. } if in_ledger => {
+                        verdicts.failed_transfers_applied.push(*id)
+                    }
+                    Outcome::Fail { .. } | Outcome::Unknown { .. } => {}
+                }
+            }
             (Kind::ReadTotal, Outcome::Ok { value, .. }) => {
                 verdicts.total_reads += 1;
                 if *value != Some(expected_total) {
@@ -177,7 +298,22 @@ pub fn check(history: &[Op], fin: &Final, expected_total: i64, windows: &[Window
         }
     }
     verdicts.phantom = fin.log_ids.difference(&attempted).copied().collect();
-    let newest = acked.iter().filter_map(|a| a.3).max();
+    verdicts.phantom_transfers = fin
+        .transfers
+        .keys()
+        .filter(|id| !transfers_tried.contains(id))
+        .copied()
+        .collect();
+    let newest = acked
+        .iter()
+        .filter_map(|a| a.3)
+        .chain(acked_transfers.iter().filter_map(|a| a.1))
+        .max();
+    verdicts.lost_transfers_in_failover = acked_transfers
+        .iter()
+        .filter(|(id, e)| !fin.transfers.contains_key(id) && e.is_some_and(|e| Some(e) < newest))
+        .map(|(id, _)| *id)
+        .collect();
     verdicts.lost_in_failover = acked
         .iter()
         .filter(|a| !fin.log_ids.contains(&a.2) && a.3.is_some_and(|e| Some(e) < newest))
@@ -274,10 +410,20 @@ mod tests {
         }
     }
 
+    /// One account, holding `total`.
     fn fin(ids: &[i64], total: i64) -> Final {
         Final {
             log_ids: ids.iter().copied().collect(),
-            bank_total: total,
+            balances: BTreeMap::from([(1, total)]),
+            transfers: BTreeMap::new(),
+        }
+    }
+
+    /// One account, starting with `total`.
+    fn bank(total: i64) -> Bank {
+        Bank {
+            accounts: 1,
+            start_balance: total,
         }
     }
 
@@ -306,7 +452,7 @@ mod tests {
         ];
         // The indeterminate id 3 may or may not be there.
         for ids in [&[1, 2][..], &[1, 2, 3][..]] {
-            let v = check(&h, &fin(ids, 100), 100, &[]);
+            let v = check(&h, &fin(ids, 100), &bank(100), &[]);
             assert!(v.violations(true).is_empty(), "{:?}", v.violations(true));
             assert_eq!((v.acked_inserts, v.indeterminate_inserts), (2, 1));
             assert_eq!(v.acked_by_epoch.get(&Some(2)), Some(&1));
@@ -331,17 +477,19 @@ mod tests {
             total(100),
             total(90),
         ];
-        let v = check(&h, &fin(&[2, 4, 5, 99], 95), 100, &[]);
+        let v = check(&h, &fin(&[2, 4, 5, 99], 95), &bank(100), &[]);
         assert_eq!(v.lost, vec![1]);
         assert_eq!(v.failed_but_applied, vec![4]);
         assert_eq!(v.phantom, vec![99]);
         assert_eq!(v.stale_epoch_acks, vec![(5, 1, 2)]);
         assert_eq!(v.bad_totals, vec![90]);
-        assert_eq!(v.violations(true).len(), 6, "{:?}", v.violations(true));
+        // The final total (95 of 100) and, with it, the ledger (no transfer moved 5).
+        assert_eq!(v.ledger_mismatches, vec![(1, 95, 100)]);
+        assert_eq!(v.violations(true).len(), 7, "{:?}", v.violations(true));
         // Id 1 was acknowledged in epoch 1 and epoch 2 followed: asynchronous replication
         // may lose it in that failover, synchronous may not.
         assert_eq!(v.lost_in_failover, vec![1]);
-        assert_eq!(v.violations(false).len(), 5, "{:?}", v.violations(false));
+        assert_eq!(v.violations(false).len(), 6, "{:?}", v.violations(false));
         let blind = vec![insert(
             1,
             0,
@@ -351,15 +499,97 @@ mod tests {
                 value: None,
             },
         )];
-        let v = check(&blind, &fin(&[1], 0), 0, &[]);
+        let v = check(&blind, &fin(&[1], 0), &bank(0), &[]);
         assert_eq!(v.violations(true).len(), 1, "{:?}", v.violations(true));
+    }
+
+    fn transfer(id: i64, from: i32, to: i32, amount: i64, outcome: Outcome) -> Op {
+        Op {
+            client: "b".into(),
+            start_ms: id as u64 * 10,
+            end_ms: id as u64 * 10 + 5,
+            kind: Kind::Transfer {
+                id,
+                from,
+                to,
+                amount,
+            },
+            outcome,
+        }
+    }
+
+    fn ledger(rows: &[(i64, i32, i32, i64)], balances: &[(i32, i64)]) -> Final {
+        Final {
+            log_ids: BTreeSet::new(),
+            balances: balances.iter().copied().collect(),
+            transfers: rows
+                .iter()
+                .map(|&(id, from, to, amount)| (id, Transfer { from, to, amount }))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn transfers_are_checked_against_the_ledger_and_the_balances() {
+        let two = Bank {
+            accounts: 2,
+            start_balance: 50,
+        };
+        let h = vec![
+            transfer(1, 1, 2, 5, ok(1)),
+            transfer(
+                2,
+                2,
+                1,
+                3,
+                Outcome::Unknown {
+                    error: "closed".into(),
+                },
+            ),
+            transfer(
+                3,
+                1,
+                2,
+                4,
+                Outcome::Fail {
+                    code: "40001".into(),
+                },
+            ),
+        ];
+        // Clean: 1 applied, the indeterminate 2 applied, the failed 3 not.
+        let clean = ledger(&[(1, 1, 2, 5), (2, 2, 1, 3)], &[(1, 48), (2, 52)]);
+        let v = check(&h, &clean, &two, &[]);
+        assert!(v.violations(true).is_empty(), "{:?}", v.violations(true));
+        assert_eq!(v.acked_transfers, 1);
+        // Transfer 1 applied twice: the total holds, the ledger does not.
+        let twice = ledger(&[(1, 1, 2, 5)], &[(1, 40), (2, 60)]);
+        let v = check(&h, &twice, &two, &[]);
+        assert_eq!(v.final_total, 100);
+        assert_eq!(v.ledger_mismatches, vec![(1, 40, 45), (2, 60, 55)]);
+        assert_eq!(v.violations(true).len(), 1, "{:?}", v.violations(true));
+        // Acknowledged 1 lost, failed 3 applied, 9 never tried.
+        let wrong = ledger(&[(3, 1, 2, 4), (9, 2, 1, 1)], &[(1, 47), (2, 53)]);
+        let v = check(&h, &wrong, &two, &[]);
+        assert_eq!(v.lost_transfers, vec![1]);
+        assert_eq!(v.failed_transfers_applied, vec![3]);
+        assert_eq!(v.phantom_transfers, vec![9]);
+        assert!(v.ledger_mismatches.is_empty());
+        assert_eq!(v.violations(true).len(), 3, "{:?}", v.violations(true));
+        // Asynchronous: a lost transfer of epoch 1 is explained once epoch 2 acknowledged.
+        let mut later = h.clone();
+        later.push(insert(7, 100, 110, ok(2)));
+        let v = check(&later, &wrong, &two, &[]);
+        assert_eq!(v.lost_transfers_in_failover, vec![1]);
+        // The insert 7 (epoch 2, the newest) is lost without a failover in both modes.
+        assert_eq!(v.violations(false).len(), 3, "{:?}", v.violations(false));
+        assert_eq!(v.violations(true).len(), 4, "{:?}", v.violations(true));
     }
 
     #[test]
     fn overlapping_writes_of_two_epochs_are_not_a_violation() {
         // Started before the newer epoch's ack ended: concurrent, either order is fine.
         let h = vec![insert(1, 0, 30, ok(2)), insert(2, 10, 40, ok(1))];
-        assert!(check(&h, &fin(&[1, 2], 0), 0, &[])
+        assert!(check(&h, &fin(&[1, 2], 0), &bank(0), &[])
             .stale_epoch_acks
             .is_empty());
     }
@@ -372,7 +602,12 @@ mod tests {
             insert(3, 300, 310, ok(2)),
         ];
         let w = |start_ms, end_ms| Window { start_ms, end_ms };
-        let v = check(&h, &fin(&[1, 2, 3], 0), 0, &[w(20, 200), w(250, 400)]);
+        let v = check(
+            &h,
+            &fin(&[1, 2, 3], 0),
+            &bank(0),
+            &[w(20, 200), w(250, 400)],
+        );
         assert_eq!(v.failovers, vec![w(20, 200)]);
     }
 
@@ -386,7 +621,7 @@ mod tests {
         let v = check(
             &h,
             &fin(&[0, 1, 2, 3, 4], 0),
-            0,
+            &bank(0),
             &[
                 Window {
                     start_ms: 0,

@@ -20,8 +20,14 @@ pub struct Op {
 pub enum Kind {
     /// `INSERT` of a unique id into the append-only log.
     Insert { id: i64 },
-    /// Moves `amount` from account `from` to account `to` in one transaction.
-    Transfer { from: i32, to: i32, amount: i64 },
+    /// Moves `amount` from account `from` to account `to` in one transaction that also
+    /// records the transfer under its unique `id` in the ledger.
+    Transfer {
+        id: i64,
+        from: i32,
+        to: i32,
+        amount: i64,
+    },
     /// The sum of every balance, in one statement (one snapshot).
     ReadTotal,
     /// Increments the register `key` (its session client's own) in session `session`
@@ -97,6 +103,7 @@ mod tests {
                 start_ms: 2,
                 end_ms: 9,
                 kind: Kind::Transfer {
+                    id: 8,
                     from: 1,
                     to: 2,
                     amount: 5,

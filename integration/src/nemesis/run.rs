@@ -33,10 +33,11 @@ pub const START_BALANCE: i64 = 200;
 /// How long the cluster may take to converge after a fault is healed.
 pub const CONVERGE_WITHIN: Duration = Duration::from_secs(90);
 
-/// The bank's total, which no transfer changes.
-pub fn expected_total() -> i64 {
-    i64::from(ACCOUNTS) * START_BALANCE
-}
+/// The bank as the workload sets it up.
+pub const BANK: check::Bank = check::Bank {
+    accounts: ACCOUNTS,
+    start_balance: START_BALANCE,
+};
 
 /// Creates the workload's tables through `dsn` (the primary's region proxy): the log,
 /// the bank, and one register per region.
@@ -47,6 +48,8 @@ pub async fn setup(dsn: &str, regions: &[String]) -> anyhow::Result<()> {
         "CREATE TABLE nemesis_log (id bigint PRIMARY KEY);
          CREATE TABLE nemesis_bank (id int PRIMARY KEY, balance bigint NOT NULL);
          INSERT INTO nemesis_bank SELECT g, {START_BALANCE} FROM generate_series(1, {ACCOUNTS}) g;
+         CREATE TABLE nemesis_transfers (id bigint PRIMARY KEY, from_id int NOT NULL,
+           to_id int NOT NULL, amount bigint NOT NULL);
          CREATE TABLE nemesis_reg (key text PRIMARY KEY, v bigint NOT NULL);
          INSERT INTO nemesis_reg VALUES {};",
         registers.join(", ")
@@ -166,7 +169,8 @@ struct ClientSpec {
     name: String,
     dsn: String,
     role: Role,
-    /// Its region: the log writer's first id, the session client's register.
+    /// Its region: the log writer's and the bank's first id (each its own table), the
+    /// session client's register.
     region: usize,
     /// Every region's name (the register keys).
     regions: Vec<String>,
@@ -215,13 +219,21 @@ async fn client(
                 )
             }
             Role::Bank => {
+                next_id += 1;
                 let from = rand::random_range(1..=ACCOUNTS);
                 let to = (from % ACCOUNTS) + 1;
                 let amount = rand::random_range(1..=10i64);
                 (
-                    Kind::Transfer { from, to, amount },
+                    Kind::Transfer {
+                        id: next_id,
+                        from,
+                        to,
+                        amount,
+                    },
                     format!(
-                        "BEGIN; UPDATE nemesis_bank SET balance = balance - {amount} WHERE id = {from}; \
+                        "BEGIN; INSERT INTO nemesis_transfers VALUES ({next_id}, {from}, {to}, {amount}) \
+                         RETURNING current_setting('meridian.epoch', true); \
+                         UPDATE nemesis_bank SET balance = balance - {amount} WHERE id = {from}; \
                          UPDATE nemesis_bank SET balance = balance + {amount} WHERE id = {to}; COMMIT"
                     ),
                 )
@@ -298,7 +310,7 @@ async fn client(
                     value: column(&row, 0),
                 },
                 Kind::Transfer { .. } => Outcome::Ok {
-                    epoch: None,
+                    epoch: column(&row, 0),
                     value: None,
                 },
             },
@@ -519,6 +531,64 @@ pub async fn apply(
             cluster.start_redis(&region).await?;
             format!("redis-{region}")
         }
+        Fault::KillEtcdMember => {
+            anyhow::ensure!(
+                cluster.etcd.members() >= 3,
+                "{} needs three etcd members (ClusterSpec.etcd_members)",
+                step.fault.name()
+            );
+            let member = step.region % cluster.etcd.members();
+            let pid = cluster.node(&leader.node)?.postmaster_pid();
+            cluster.etcd.kill_member(member).await?;
+            tokio::time::sleep(step.hold).await;
+            cluster.etcd.restart_member(member)?;
+            cluster
+                .etcd
+                .wait_member(member, CONVERGE_WITHIN)
+                .await
+                .context("the restarted etcd member did not rejoin")?;
+            let after = cluster
+                .leader()
+                .await?
+                .context("no leader after an etcd member came back")?;
+            anyhow::ensure!(
+                after.epoch == leader.epoch && cluster.node(&leader.node)?.postmaster_pid() == pid,
+                "losing one etcd member of three replaced or stopped the primary {} (epoch {} -> {})",
+                leader.node,
+                leader.epoch,
+                after.epoch
+            );
+            format!("etcd-{}", member + 1)
+        }
+        Fault::KillEtcdMajority => {
+            let members = cluster.etcd.members();
+            anyhow::ensure!(
+                members >= 3,
+                "{} needs three etcd members (ClusterSpec.etcd_members)",
+                step.fault.name()
+            );
+            // Every member but one (`step.region` picks the survivor).
+            let survivor = step.region % members;
+            let killed: Vec<usize> = (0..members).filter(|m| *m != survivor).collect();
+            let pid = cluster.node(&leader.node)?.postmaster_pid();
+            for m in &killed {
+                cluster.etcd.kill_member(*m).await?;
+            }
+            tokio::time::sleep(cluster.spec.lease_ttl + step.hold).await;
+            let after = cluster.node(&leader.node)?.postmaster_pid();
+            let promoted = promoted_without_etcd(cluster, &leader.node).await;
+            for m in &killed {
+                cluster.etcd.restart_member(*m)?;
+            }
+            anyhow::ensure!(
+                pid.is_some() && after == pid,
+                "the primary {} did not keep serving while etcd had no quorum (postmaster {pid:?}, then {after:?})",
+                leader.node
+            );
+            promoted?;
+            let names: Vec<String> = killed.iter().map(|m| format!("etcd-{}", m + 1)).collect();
+            names.join("+")
+        }
         Fault::EtcdLost => {
             let pid = cluster.node(&leader.node)?.postmaster_pid();
             cluster.etcd.pause();
@@ -671,7 +741,7 @@ async fn receiver_status(dsn: &str) -> anyhow::Result<Option<String>> {
     .map_err(|_| anyhow::anyhow!("no answer within 5 s"))?
 }
 
-/// The final log and bank total, read on the converged primary directly.
+/// The final log, bank and transfer ledger, read on the converged primary directly.
 pub async fn final_state(cluster: &LocalCluster) -> anyhow::Result<Final> {
     let leader = cluster.leader().await?.context("no leader at the end")?;
     let c = connect(&cluster.node(&leader.node)?.direct_dsn("app")).await?;
@@ -681,13 +751,34 @@ pub async fn final_state(cluster: &LocalCluster) -> anyhow::Result<Final> {
         .iter()
         .map(|r| r.get::<_, i64>(0))
         .collect();
-    let bank_total: i64 = c
-        .query_one("SELECT sum(balance)::bigint FROM nemesis_bank", &[])
+    let balances = c
+        .query("SELECT id, balance FROM nemesis_bank", &[])
         .await?
-        .get(0);
+        .iter()
+        .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+        .collect();
+    let transfers = c
+        .query(
+            "SELECT id, from_id, to_id, amount FROM nemesis_transfers",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                check::Transfer {
+                    from: r.get(1),
+                    to: r.get(2),
+                    amount: r.get(3),
+                },
+            )
+        })
+        .collect();
     Ok(Final {
         log_ids,
-        bank_total,
+        balances,
+        transfers,
     })
 }
 
@@ -763,7 +854,7 @@ pub async fn run_plans(
     }
     let fin = final_state(cluster).await?;
     let windows: Vec<Window> = applied.iter().map(|a| a.window).collect();
-    let verdicts = check::check(&ops, &fin, expected_total(), &windows);
+    let verdicts = check::check(&ops, &fin, &BANK, &windows);
     Ok(Report {
         applied,
         history: ops,

@@ -42,9 +42,16 @@ pub enum Fault {
     /// WAL replay paused on one replica (`pg_wal_replay_pause`) for the hold: reads
     /// that must see a session's writes may not be served by it.
     PauseReplicaReplay,
-    /// etcd frozen (SIGSTOP) for the hold plus the lease TTL: every agent, proxy and
-    /// coordinator loses it (the local cluster's one member is its quorum). The
-    /// failsafe must keep the primary serving, unfenced, through every proxy.
+    /// One etcd member of three killed (`kill -9`) for the hold, then started again:
+    /// the other two keep the quorum, so nothing may fail over and writes go on.
+    KillEtcdMember,
+    /// Two etcd members of three killed for the hold plus the lease TTL (quorum
+    /// lost; the third still accepts connections but answers nothing), then started
+    /// again: the failsafe must keep the primary serving, unfenced.
+    KillEtcdMajority,
+    /// etcd frozen (SIGSTOP of every member) for the hold plus the lease TTL: every
+    /// agent, proxy and coordinator loses it. The failsafe must keep the primary
+    /// serving, unfenced, through every proxy.
     EtcdLost,
     /// etcd frozen, then (past the lease TTL, the failsafe serving) the primary
     /// partitioned for the hold: it must fence itself with nobody promoted; etcd
@@ -56,7 +63,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 16] = [
         Fault::KillPrimaryPostmaster,
         Fault::KillPrimaryAgent,
         Fault::KillPrimaryNode,
@@ -68,13 +75,17 @@ impl Fault {
         Fault::CutCoordinatorLinks,
         Fault::StopRedis,
         Fault::PauseReplicaReplay,
+        Fault::KillEtcdMember,
+        Fault::KillEtcdMajority,
         Fault::EtcdLost,
         Fault::EtcdLostPartitionPrimary,
         Fault::EtcdLostKillPrimary,
     ];
 
-    /// The faults of an etcd outage, alone and combined (issue 14 §2).
-    pub const ETCD: [Fault; 3] = [
+    /// The faults of etcd members and of an etcd outage, alone and combined (issue 14 §2).
+    pub const ETCD: [Fault; 5] = [
+        Fault::KillEtcdMember,
+        Fault::KillEtcdMajority,
         Fault::EtcdLost,
         Fault::EtcdLostPartitionPrimary,
         Fault::EtcdLostKillPrimary,
@@ -94,6 +105,8 @@ impl Fault {
             Fault::CutCoordinatorLinks => "cut the coordinators' QUIC",
             Fault::StopRedis => "stop a region's redis",
             Fault::PauseReplicaReplay => "pause replay on a replica",
+            Fault::KillEtcdMember => "kill -9 one etcd member of three",
+            Fault::KillEtcdMajority => "kill -9 two etcd members of three",
             Fault::EtcdLost => "etcd lost",
             Fault::EtcdLostPartitionPrimary => "etcd lost + partition primary",
             Fault::EtcdLostKillPrimary => "etcd lost + kill -9 primary",
