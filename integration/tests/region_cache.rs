@@ -286,3 +286,58 @@ async fn fills_hits_invalidates_and_survives_redis_outages() {
     assert_eq!(simple_value(&late, CACHED).await, "3");
     assert!(metric(proxy.admin_port, "cache_lookups", "lagging").await > lagging);
 }
+
+/// A table created after the database's relation catalog was loaded is not known to the
+/// cache until the next load; a cacheable read naming it asks for one at once (at most one
+/// per second), so it is cached within seconds, not a whole `routing.catalog_refresh`
+/// (an hour here: without the early refresh this test cannot pass).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_created_after_the_catalog_loaded_is_cached_within_seconds() {
+    let cluster = PgCluster::builder().replicas(1).start().await.unwrap();
+    let logs = cluster.dir().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let redis = RedisServer::start(cluster.dir(), &logs, "test")
+        .await
+        .unwrap();
+    let mut cfg = trust_config(&cluster);
+    cfg.cache.enabled = true;
+    cfg.cache.redis = redis.url();
+    cfg.routing.catalog_refresh = Duration::from_secs(3600);
+    let cluster_name = cfg.etcd.cluster.clone();
+    let proxy = Proxy::start(cfg).await;
+    set_fresh_lease(&redis.url(), &cluster_name, true).await;
+    let c = proxy.connect("postgres", "").await.unwrap();
+    let primary = cluster.primary().client().await.unwrap();
+    primary
+        .batch_execute(
+            "CREATE TABLE items (k int primary key, v int); INSERT INTO items VALUES (1, 1)",
+        )
+        .await
+        .unwrap();
+    wait_count(&c, "SELECT count(*) FROM items", 1, Duration::from_secs(10)).await;
+    // The catalog loads (with `items`) and serves.
+    wait_for_hit(proxy.admin_port, &c, CACHED, "1", "a hit on items").await;
+
+    primary
+        .batch_execute(
+            "CREATE TABLE later (k int primary key, v int); INSERT INTO later VALUES (1, 7)",
+        )
+        .await
+        .unwrap();
+    wait_count(&c, "SELECT count(*) FROM later", 1, Duration::from_secs(10)).await;
+    let later = "/* meridian:cache ttl=60s */ SELECT v FROM later WHERE k = 1";
+    let started = Instant::now();
+    let hits = metric(proxy.admin_port, "cache_lookups", "hit").await;
+    eventually(
+        Duration::from_secs(10),
+        "a hit on the new table",
+        || async {
+            assert_eq!(simple_value(&c, later).await, "7");
+            anyhow::ensure!(metric(proxy.admin_port, "cache_lookups", "hit").await > hits);
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!("the new table was cached after {:?}", started.elapsed());
+}

@@ -118,7 +118,14 @@ impl RegionCache {
             return None;
         }
         let relations = self.relations.get(shared, database)?;
-        let tables = rules::eligible(analysis, &shared.catalog(), &relations).ok()?;
+        let tables = match rules::eligible(analysis, &shared.catalog(), &relations) {
+            Ok(tables) => tables,
+            Err(rules::Skip::UnknownRelation) => {
+                self.relations.refresh_soon(database);
+                return None;
+            }
+            Err(_) => return None,
+        };
         let ttl = rules.ttl(sql, hint, &tables)?;
         Some(Plan {
             hash: entry::entry_hash(database, user, params, identity),

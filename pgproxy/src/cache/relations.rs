@@ -8,13 +8,17 @@
 //! entry is invalidated whatever the session's `search_path` resolved it to.
 //!
 //! [`RelationCatalog`] is the pure lookup; [`RelationCatalogs`] loads one per database from the
-//! primary's `pg_class` on first use and refreshes it every `routing.catalog_refresh`. Until the
-//! first load of a database, nothing in it is cached.
+//! primary's `pg_class` on first use and refreshes it every `routing.catalog_refresh`, or sooner
+//! (at most once per [`MIN_REFRESH_GAP`]) when a read that could be cached names a relation the
+//! catalog does not know: a table created since the last load becomes cacheable within about a
+//! second, not a whole refresh period. Until the first load of a database, nothing in it is
+//! cached.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::backend::{BackendConn, ConnectParams};
@@ -28,13 +32,19 @@ const QUERY: &str =
      AND n.nspname NOT IN ('pg_catalog','information_schema') \
      AND n.nspname !~ '^pg_(toast|temp_)'";
 
+/// The shortest time between two loads of a database's catalog: unknown relations ask for an
+/// early refresh, and a stream of them must not turn into a stream of catalog queries.
+pub const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
+
 /// How a relation name in a query resolves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolved {
     /// Ordinary tables (`schema.table`) whose watermarks guard an entry reading the name.
     Tables(Vec<String>),
-    /// Unknown, or a relation whose changes are not reported under its own name.
+    /// A relation whose changes are not reported under its own name.
     NotCacheable,
+    /// No relation of that name (in that schema) was there at the last load.
+    Unknown,
 }
 
 /// Relation names of one database: `relname` → `(schema, cacheable)` for each schema holding it.
@@ -66,13 +76,25 @@ impl RelationCatalog {
             None => (None, written),
         };
         let Some(candidates) = self.by_name.get(name) else {
-            return Resolved::NotCacheable;
+            // The system catalogs are never loaded, and never cacheable.
+            let system = match schema {
+                Some(s) => s == "pg_catalog" || s == "information_schema",
+                None => name.starts_with("pg_"),
+            };
+            return if system {
+                Resolved::NotCacheable
+            } else {
+                Resolved::Unknown
+            };
         };
         let chosen: Vec<&(String, bool)> = match schema {
             Some(s) => candidates.iter().filter(|(cs, _)| cs == s).collect(),
             None => candidates.iter().collect(),
         };
-        if chosen.is_empty() || chosen.iter().any(|(_, ok)| !ok) {
+        if chosen.is_empty() {
+            return Resolved::Unknown;
+        }
+        if chosen.iter().any(|(_, ok)| !ok) {
             return Resolved::NotCacheable;
         }
         Resolved::Tables(chosen.iter().map(|(s, _)| format!("{s}.{name}")).collect())
@@ -83,7 +105,8 @@ impl RelationCatalog {
 #[derive(Default)]
 pub struct RelationCatalogs {
     loaded: Mutex<HashMap<String, Arc<RelationCatalog>>>,
-    watched: Mutex<HashSet<String>>,
+    /// Databases with a refresh loop, and how to wake it early.
+    watched: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 impl RelationCatalogs {
@@ -92,10 +115,21 @@ impl RelationCatalogs {
         if let Some(c) = lock(&self.loaded).get(database) {
             return Some(c.clone());
         }
-        if lock(&self.watched).insert(database.to_owned()) {
-            tokio::spawn(refresh_loop(shared.clone(), database.to_owned()));
+        let mut watched = lock(&self.watched);
+        if !watched.contains_key(database) {
+            let wake = Arc::new(Notify::new());
+            watched.insert(database.to_owned(), wake.clone());
+            tokio::spawn(refresh_loop(shared.clone(), database.to_owned(), wake));
         }
         None
+    }
+
+    /// A read named a relation `database`'s catalog does not know: reload it soon (no
+    /// sooner than [`MIN_REFRESH_GAP`] after the last load).
+    pub fn refresh_soon(&self, database: &str) {
+        if let Some(wake) = lock(&self.watched).get(database) {
+            wake.notify_one();
+        }
     }
 
     fn set(&self, database: &str, catalog: RelationCatalog) {
@@ -134,9 +168,10 @@ async fn load(shared: &Shared, addr: Arc<str>, database: &str) -> anyhow::Result
     )))
 }
 
-async fn refresh_loop(shared: Arc<Shared>, database: String) {
+async fn refresh_loop(shared: Arc<Shared>, database: String, wake: Arc<Notify>) {
     let mut loaded = false;
     loop {
+        let started = tokio::time::Instant::now();
         if *shared.shutdown().borrow() {
             return;
         }
@@ -158,7 +193,12 @@ async fn refresh_loop(shared: Arc<Shared>, database: String) {
         } else {
             Duration::from_secs(1)
         };
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = wake.notified() => {
+                tokio::time::sleep_until(started + MIN_REFRESH_GAP).await;
+            }
+        }
     }
 }
 
@@ -180,11 +220,21 @@ mod tests {
         assert_eq!(c.resolve("t"), tables(&["public.t", "app.t"]));
         assert_eq!(c.resolve("app.t"), tables(&["app.t"]));
         assert_eq!(c.resolve("db.app.t"), tables(&["app.t"]));
-        assert_eq!(c.resolve("other.t"), Resolved::NotCacheable);
+        assert_eq!(
+            c.resolve("other.t"),
+            Resolved::Unknown,
+            "created since the load?"
+        );
         assert_eq!(c.resolve("v"), Resolved::NotCacheable);
         assert_eq!(c.resolve("app.mixed"), tables(&["app.mixed"]));
         assert_eq!(c.resolve("mixed"), Resolved::NotCacheable);
         assert_eq!(c.resolve("parent"), Resolved::NotCacheable);
-        assert_eq!(c.resolve("nope"), Resolved::NotCacheable);
+        assert_eq!(c.resolve("nope"), Resolved::Unknown);
+        assert_eq!(c.resolve("pg_class"), Resolved::NotCacheable);
+        assert_eq!(
+            c.resolve("information_schema.tables"),
+            Resolved::NotCacheable
+        );
+        assert_eq!(c.resolve("nowhere.t"), Resolved::Unknown);
     }
 }

@@ -96,9 +96,12 @@ pub enum Skip {
     NotASingleRead,
     /// Calls a function that is not immutable.
     Volatile,
-    /// Reads a relation that is not a known ordinary table (a view, a partitioned table, a
-    /// catalog table, a table created after the last catalog refresh...).
+    /// Reads a relation that is not an ordinary table (a view, a partitioned table, a
+    /// catalog table...).
     Relation,
+    /// Reads a relation the catalog did not have at its last load (created since, or not
+    /// there at all): the caller asks for an early catalog refresh.
+    UnknownRelation,
     /// Reads no table at all (nothing could ever invalidate it, nothing to gain).
     NoTable,
 }
@@ -140,6 +143,7 @@ pub fn eligible(
                 }
             }
             Resolved::NotCacheable => return Err(Skip::Relation),
+            Resolved::Unknown => return Err(Skip::UnknownRelation),
         }
     }
     Ok(tables)
@@ -250,7 +254,10 @@ mod tests {
         assert_eq!(check("SELECT * FROM v_items"), Err(Skip::Relation));
         assert_eq!(check("SELECT * FROM events"), Err(Skip::Relation));
         assert_eq!(check("SELECT * FROM events_2026"), Err(Skip::Relation));
-        assert_eq!(check("SELECT * FROM unknown_table"), Err(Skip::Relation));
+        assert_eq!(
+            check("SELECT * FROM unknown_table"),
+            Err(Skip::UnknownRelation)
+        );
         assert_eq!(check("SELECT * FROM pg_class"), Err(Skip::Relation));
         assert_eq!(
             check("SELECT * FROM prices FOR UPDATE"),
